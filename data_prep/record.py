@@ -1,0 +1,127 @@
+"""The one record type every dataset parser yields.
+
+A parser reads annotations only; pixels are fetched later through an
+:class:`ImageRef`, so enumerating a dataset is cheap and the expensive part
+(reading and checking image bytes) can run in worker processes.  Everything
+here is plain data and pickles cleanly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+TASKS = ("det", "reid", "ps")
+
+# Reasons a parser (or the builder) drops an input.  Parsers may add their
+# own short snake_case reasons; these are the shared ones.
+SKIP_REASONS = (
+    "missing_file",          # annotation points at an image that is not there
+    "corrupt_image",         # bytes that do not decode / truncated file
+    "malformed_annotation",  # a line or record that cannot be parsed
+    "degenerate_box",        # zero/negative width or height (after clipping)
+    "no_person",             # image with no usable person box
+    "unknown_class",         # an object class the dataset format does not define
+    "junk_id",               # re-ID junk / distractor ids (Market -1 and 0000)
+    "empty_cell",            # CUHK03 empty MATLAB cell
+)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where the encoded (or raw) pixels of a record live.
+
+    kind:
+      * ``file``  -- ``path`` is an image file (JPEG/PNG) on disk.
+      * ``lmdb``  -- ``path`` is an LMDB directory, ``key`` the ASCII key whose
+        value is the encoded image file bytes.
+      * ``hdf5``  -- ``path`` is a MATLAB v7.3 (HDF5) file, ``key`` the HDF5
+        object path of a uint8 (3, W, H) dataset (MATLAB column-major RGB).
+    """
+
+    kind: str
+    path: str
+    key: str = ""
+
+
+@dataclass
+class Record:
+    """One image (scene or re-ID crop) with its persons.
+
+    Boxes are ``[x1, y1, x2, y2]`` floats in pixels, already clipped to the
+    image.  ``ids`` holds one identity per box in the dataset's *own* label
+    space (``>= 0``), or ``-1`` for "no identity" (detection persons, unlabeled
+    person-search boxes, unlabeled re-ID images).  The shard builder maps these
+    to the global identity space (see ``data_prep.identity``).
+    """
+
+    dataset: str
+    split: str
+    key: str                       # unique within (dataset, split); no '.' or '/'
+    image: ImageRef
+    task: str                      # "det" | "reid" | "ps"
+    labeled: bool                  # True when ids are real identity labels
+    boxes: list[list[float]] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    ignore: list[list[float]] = field(default_factory=list)
+    width: int | None = None       # None: the builder reads it from the image
+    height: int | None = None
+    camera: int | None = None
+    source: str = ""               # path relative to the dataset root, for humans
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if len(self.boxes) != len(self.ids):
+            raise ValueError(
+                f"{self.dataset}/{self.key}: {len(self.boxes)} boxes but {len(self.ids)} ids"
+            )
+        if "." in self.key or "/" in self.key:
+            raise ValueError(f"record key {self.key!r} must not contain '.' or '/'")
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An input a parser (or the builder) could not use, with the reason."""
+
+    dataset: str
+    split: str
+    reason: str
+    source: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A repair applied to an otherwise usable input (e.g. a box clipped to
+    the frame).  Counted in the manifest, never fatal, not affected by
+    ``--strict``."""
+
+    dataset: str
+    split: str
+    reason: str
+    source: str
+
+
+ParseItem = Union[Record, Skip, Fix]
+
+
+def safe_key(text: str) -> str:
+    """Make a webdataset-safe key fragment: keep [A-Za-z0-9_-], map ',' and
+    everything else to '_'.  CrowdHuman IDs contain commas."""
+    return "".join(c if (c.isalnum() or c in "_-") else "_" for c in text)
+
+
+def clip_box(box, width: int, height: int) -> list[float]:
+    """Clip an xyxy box to the image ``[0, W] x [0, H]``."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [
+        min(max(x1, 0.0), float(width)),
+        min(max(y1, 0.0), float(height)),
+        min(max(x2, 0.0), float(width)),
+        min(max(y2, 0.0), float(height)),
+    ]
+
+
+def box_is_degenerate(box, min_size: float = 1.0) -> bool:
+    return (box[2] - box[0]) < min_size or (box[3] - box[1]) < min_size
