@@ -1,0 +1,323 @@
+"""The build, top to bottom: check arguments, prepare the output directory,
+plan (parsers + ids), verify what a previous run finished, encode images in a
+process pool and write shards in order, then write the manifest last."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from tqdm import tqdm
+
+from .. import manifest as mf
+from ..imageio import ImageError
+from .encode import Dropped, EncodeSettings, Job, Sample, init_worker, reload_passthrough, run_job
+from .files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json
+from .options import BuildError, BuildOptions, fingerprint
+from .plan import (DatasetPlan, SplitPlan, StrictSkip, check_sources, load_module, plan_build, resolve_splits,
+                   strict_message, subset_file_name)
+from .shards import JOURNAL_NAME, Counts, Journal, ShardEntry, ShardSink, SplitProgress, shard_name
+
+STATE_NAME = "build.json"
+# Test hook: stall (sleep) right after the Nth sample is written, with the
+# shard's .tmp flushed, so a test can SIGKILL a build at a known point.
+STALL_ENV = "HYBRIDPS_BUILD_STALL_AFTER"
+
+
+# --------------------------------------------------------------------------- output dir
+def _our_files(ds_dir: Path) -> list[Path]:
+    pats = ("*.tar", "*.tar" + TMP_SUFFIX, JOURNAL_NAME, JOURNAL_NAME + TMP_SUFFIX, "subset_keys*.txt")
+    return [p for pat in pats for p in ds_dir.glob(pat)]
+
+
+def _clear_previous(out: Path, names: set[str]) -> None:
+    """Remove what a build writes (and nothing else) for ``names``."""
+    from ..formats import FORMATS
+
+    for name in names & set(FORMATS):  # names read back from build.json: never trust them as paths
+        for p in _our_files(out / name):
+            p.unlink()
+    for p in (out / mf.MANIFEST_NAME, out / STATE_NAME):
+        p.unlink(missing_ok=True)
+
+
+def _spec_diff(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(keys) or "(unknown)"
+
+
+def prepare_out_dir(out: Path, spec: dict, fp: str, overwrite: bool) -> None:
+    """Refuse to mix builds; sweep leftovers of a killed run; record the spec."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_NAME
+    names = {n for n, _ in spec["sources"]}
+    if state_path.exists():
+        try:
+            old = json.loads(state_path.read_text())
+        except ValueError:
+            old = {"fingerprint": None, "spec": {}}
+        if old.get("fingerprint") != fp or overwrite:
+            if not overwrite:
+                raise BuildError(
+                    f"{out} holds a build made with different arguments (differs in: "
+                    f"{_spec_diff(old.get('spec', {}), spec)}). Re-run with the same arguments to "
+                    f"resume, add --overwrite to rebuild, or pick another OUT_DIR."
+                )
+            _clear_previous(out, names | {n for n, _ in old.get("spec", {}).get("sources", [])})
+    elif any(out.iterdir()):
+        if not overwrite:
+            raise BuildError(f"{out} is not empty and holds no data_prep build; pick an empty OUT_DIR "
+                             f"or add --overwrite (only files a build writes are removed)")
+        _clear_previous(out, names)
+    for name in names:
+        (out / name).mkdir(exist_ok=True)
+        for p in (out / name).glob("*" + TMP_SUFFIX):
+            p.unlink()
+    atomic_write_json(state_path, {"fingerprint": fp, "spec": spec})
+
+
+# --------------------------------------------------------------------------- resume
+def resume_split(out: Path, journal: Journal, sp: SplitPlan, log) -> SplitProgress:
+    """Keep the journal's shards up to the first one that fails verification."""
+    plan_sha = sp.plan_sha()
+    prog = journal.splits.get(sp.split)
+    if prog is None or not prog.shards and not prog.done:
+        prog = SplitProgress(plan=plan_sha)
+    elif prog.plan != plan_sha:
+        raise BuildError(
+            f"{sp.dataset}/{sp.split}: the source annotations changed since the interrupted build "
+            f"(same arguments, different records); add --overwrite to rebuild"
+        )
+    good = []
+    for entry in prog.shards:
+        why = entry.verify(out)
+        if why is not None:
+            log(f"  {sp.dataset}/{sp.split}: {entry.path} {why}; rewriting from there")
+            break
+        good.append(entry)
+    if len(good) < len(prog.shards):
+        prog = SplitProgress(plan=plan_sha, shards=good)
+    elif good:
+        log(f"  {sp.dataset}/{sp.split}: {len(good)} finished shard(s) verified"
+            + ("" if prog.done else f", resuming at record {good[-1].end}"))
+    journal.splits[sp.split] = prog
+    return prog
+
+
+def start_index(prog: SplitProgress) -> int:
+    return prog.shards[-1].end if prog.shards else 0
+
+
+# --------------------------------------------------------------------------- workers
+@contextmanager
+def job_runner(workers: int, settings: EncodeSettings) -> Iterator[Callable]:
+    """``run(jobs, n) -> results`` in job order, in-process or over a pool."""
+    if workers <= 1:
+        init_worker(settings)
+        yield lambda jobs, n: map(run_job, jobs)
+        return
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers, initializer=init_worker, initargs=(settings,)) as pool:
+        # Big chunks amortise the per-task IPC; small splits still use every worker.
+        yield lambda jobs, n: pool.imap(run_job, jobs, chunksize=max(1, min(32, n // (4 * workers))))
+
+
+# --------------------------------------------------------------------------- writing
+class SplitWriter:
+    """Consumes encode results for one split, cuts shards, keeps the journal."""
+
+    def __init__(self, out: Path, ds: DatasetPlan, sp: SplitPlan, journal: Journal, opts: BuildOptions):
+        self.out, self.ds, self.sp, self.journal, self.opts = out, ds, sp, journal, opts
+        self.prog = journal.splits[sp.split]
+        self.sink: ShardSink | None = None
+        self.counts = Counts()
+        self.range_start = start_index(self.prog)
+
+    def _strict(self, reason: str, source: str, detail: str) -> None:
+        if self.opts.strict:
+            raise StrictSkip(strict_message(self.sp.dataset, self.sp.split, reason, source, detail))
+
+    def _commit(self, end: int) -> None:
+        sha, size = self.sink.commit()
+        rel = self.sink.final.relative_to(self.out).as_posix()
+        self.prog.shards.append(ShardEntry(rel, self.sink.samples, sha, size, self.range_start, end, self.counts))
+        self.journal.save()
+        self.sink, self.counts, self.range_start = None, Counts(), end
+
+    def add(self, res: Sample | Dropped) -> None:
+        if isinstance(res, Dropped):
+            self._strict(res.reason, res.source, res.detail)
+            self.counts.skipped[res.reason] += 1
+            self.counts.fixed.update(res.fixes)
+            self.counts.dropped_records.append(res.index)
+            return
+        if res.jpg is None:
+            rec = self.sp.records[res.index]
+            try:
+                res.jpg = reload_passthrough(rec, res.jpg_len)
+            except ImageError as e:
+                return self.add(Dropped(res.index, e.reason, rec.source, e.detail, res.fixes))
+        for reason, source, detail in res.box_skips:
+            self._strict(reason, source, detail)
+        if self.sink is not None and self.sink.samples >= self.opts.shard_size:
+            self._commit(res.index)
+        if self.sink is None:
+            index = len(self.prog.shards)
+            self.sink = ShardSink(self.out / self.ds.name / shard_name(self.sp.split, index))
+        self.sink.write(res.key, res.jpg, res.meta)
+        self.counts.samples += 1
+        self.counts.boxes += res.n_boxes
+        self.counts.ignore_regions += res.n_ignore
+        self.counts.fixed.update(res.fixes)
+        self.counts.skipped.update(r for r, _, _ in res.box_skips)
+        self.counts.dropped_boxes += [[res.index, b] for b in res.dropped_boxes]
+
+    def finish(self) -> None:
+        if self.sink is not None:
+            self._commit(len(self.sp.records))
+        elif self.counts.skipped or self.counts.fixed or self.counts.dropped_records:
+            self.prog.tail = self.counts
+        self.prog.done = True
+        self.journal.save()
+        keep = {Path(s.path).name for s in self.prog.shards}
+        for stale in (self.out / self.ds.name).glob(f"{self.sp.split}-*.tar"):
+            if stale.name not in keep:  # left by an older, longer run of the same build
+                stale.unlink()
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            self.sink.abort()
+            self.sink = None
+
+
+class _Stall:
+    def __init__(self):
+        v = os.environ.get(STALL_ENV)
+        self.after = int(v) if v else None
+        self.written = 0
+
+    def tick(self, writer: SplitWriter) -> None:
+        if self.after is None:
+            return
+        self.written += 1
+        if self.written >= self.after:
+            if writer.sink is not None:
+                writer.sink.flush()
+            print(f"[{STALL_ENV}] stalled after {self.written} samples", file=sys.stderr, flush=True)
+            time.sleep(3600)
+
+
+def write_split(out, ds, sp, journal, run, bar, opts, stall: _Stall) -> None:
+    prog = journal.splits[sp.split]
+    if prog.done:
+        return
+    first = start_index(prog)
+    writer = SplitWriter(out, ds, sp, journal, opts)
+    jobs = (Job(i, ds.domain, sp.records[i], sp.pids[i]) for i in range(first, len(sp.records)))
+    try:
+        for res in run(jobs, len(sp.records) - first):
+            bar.update(1)
+            writer.add(res)
+            if isinstance(res, Sample):
+                stall.tick(writer)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+# --------------------------------------------------------------------------- manifest
+def unused_ids(ds: DatasetPlan, journal: Journal) -> int:
+    """Ids of the block no written sample carries (records dropped at the image stage)."""
+    used = set()
+    for sp in ds.splits:
+        totals = journal.splits[sp.split].totals()
+        dropped = set(totals.dropped_records)
+        dropped_boxes = {(r, b) for r, b in totals.dropped_boxes}
+        for i, pids in enumerate(sp.pids):
+            if i in dropped:
+                continue
+            used.update(p for b, p in enumerate(pids) if p >= 0 and (i, b) not in dropped_boxes)
+    return ds.block.hi - ds.block.lo - len(used)
+
+
+def split_manifest(ds: DatasetPlan, sp: SplitPlan, prog: SplitProgress) -> dict:
+    totals = prog.totals()
+    skipped = sp.skipped + totals.skipped
+    entry = {
+        "records": len(sp.records), "samples": totals.samples, "boxes": totals.boxes,
+        "ignore_regions": totals.ignore_regions,
+        "skipped": dict(sorted(skipped.items())), "fixed": dict(sorted((sp.fixed + totals.fixed).items())),
+        "shards": [{"path": s.path, "samples": s.samples, "sha256": s.sha256} for s in prog.shards],
+    }
+    if sp.subset is not None:
+        entry["subset"] = {"n": sp.subset["n"], "seed": sp.subset["seed"], "count": len(sp.subset["keys"]),
+                           "keys_file": f"{ds.name}/{subset_file_name(ds, sp.split)}"}
+    return entry
+
+
+def build_manifest(datasets: list[DatasetPlan], journals: dict[str, Journal], num_ids: int, spec: dict, fp: str) -> dict:
+    out = {"version": mf.MANIFEST_VERSION, "num_ids": num_ids, "domains": [d.name for d in datasets],
+           "datasets": {}, "options": {**spec, "fingerprint": fp}}
+    for ds in datasets:
+        out["datasets"][ds.name] = {
+            "domain": ds.domain, "task": ds.task, "labeled": ds.labeled,
+            "id_range": [ds.block.lo, ds.block.hi], "num_labeled_ids": ds.block.num_labeled,
+            "num_pseudo_ids": ds.block.num_pseudo, "unused_ids": unused_ids(ds, journals[ds.name]),
+            "license": getattr(ds.module, "LICENSE_NOTICE", ""),
+            "splits": {sp.split: split_manifest(ds, sp, journals[ds.name].splits[sp.split]) for sp in ds.splits},
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- entry
+def write_subset_files(out: Path, datasets: list[DatasetPlan]) -> None:
+    for ds in datasets:
+        for sp in ds.splits:
+            if sp.subset is not None:
+                text = "".join(k + "\n" for k in sp.subset["keys"])
+                atomic_write_bytes(out / ds.name / subset_file_name(ds, sp.split), text.encode())
+
+
+def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> dict:
+    """Build (or resume) the shards described by ``opts``; returns the manifest."""
+    if opts.shard_size < 1:
+        raise BuildError(f"--shard-size must be >= 1, got {opts.shard_size}")
+    if not 1 <= opts.jpeg_quality <= 100:
+        raise BuildError(f"--jpeg-quality must be in 1..100, got {opts.jpeg_quality}")
+    check_sources(opts)
+    splits = resolve_splits(opts)
+    spec = opts.output_spec(splits)
+    fp = fingerprint(spec)
+    out = Path(opts.out_dir)
+    prepare_out_dir(out, spec, fp, opts.overwrite)
+
+    log("planning (annotations only):")
+    for name, _ in opts.sources:
+        notice = getattr(load_module(name), "LICENSE_NOTICE", "")
+        if notice:
+            log(f"  licence {name}: {notice}")
+    datasets, num_ids = plan_build(opts, splits, log)
+    write_subset_files(out, datasets)
+
+    journals = {ds.name: Journal.load(out / ds.name / JOURNAL_NAME, fp) for ds in datasets}
+    progress = {(ds.name, sp.split): resume_split(out, journals[ds.name], sp, log) for ds in datasets for sp in ds.splits}
+    todo = sum(0 if progress[(ds.name, sp.split)].done else len(sp.records) - start_index(progress[(ds.name, sp.split)])
+               for ds in datasets for sp in ds.splits)
+    settings = EncodeSettings(opts.jpeg_quality, opts.canvas, opts.seed, ship_passthrough=opts.workers <= 1)
+    stall = _Stall()
+    with job_runner(opts.workers, settings) as run, tqdm(
+        total=todo, unit="img", file=sys.stderr, disable=not opts.progress, mininterval=0.5, desc="images"
+    ) as bar:
+        for ds in datasets:
+            for sp in ds.splits:
+                write_split(out, ds, sp, journals[ds.name], run, bar, opts, stall)
+    manifest = build_manifest(datasets, journals, num_ids, spec, fp)
+    mf.write_manifest(out, manifest)
+    return manifest
