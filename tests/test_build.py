@@ -478,3 +478,21 @@ def test_canvas_baked_for_reid_only(world, tmp_path, mode):
         assert meta["pids"] == a["meta"]["pids"]
         img = np.asarray(Image.open(io.BytesIO(b["jpg"])).convert("RGB"))
         assert img.shape == (160, 96, 3)
+
+
+def test_identity_spaces_keep_split_label_spaces_apart():
+    """MSMT17 query/gallery labels restart at 0 for other people: building
+    train+query must not merge them with train identities."""
+    from data_prep.identity import assign_build
+    from data_prep.record import ImageRef, Record
+
+    def rec(split, key, pid):
+        return Record("msmt17", split, key, ImageRef("file", "x.jpg"), "reid", True, [[0, 0, 8, 16]], [pid])
+
+    records = [rec("train", "a", 0), rec("val", "b", 0), rec("query", "c", 0), rec("gallery", "d", 0)]
+    spaces = {"train": "train", "val": "train", "query": "test", "gallery": "test"}
+    blocks, pids, num_ids = assign_build([("msmt17", records, spaces)])
+    assert [p[0] for p in pids[0]] == [1, 1, 0, 0]  # ("test", 0) sorts before ("train", 0)
+    assert num_ids == 2 and blocks[0].num_labeled == 2
+    _, pids_single, n_single = assign_build([("msmt17", records)])  # no spaces: each split its own
+    assert n_single == 4 and len({p[0] for p in pids_single[0]}) == 4

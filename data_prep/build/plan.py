@@ -221,7 +221,9 @@ def plan_dataset(name: str, domain: int, root: Path, splits, opts: BuildOptions,
 def plan_build(opts: BuildOptions, splits: dict[str, tuple[str, ...]], log=print) -> tuple[list[DatasetPlan], int]:
     """Enumerate every source and allocate the global id space."""
     datasets = [plan_dataset(name, d, Path(root), splits[name], opts, log) for d, (name, root) in enumerate(opts.sources)]
-    blocks, pids, num_ids = assign_build([(ds.name, [r for sp in ds.splits for r in sp.records]) for ds in datasets])
+    blocks, pids, num_ids = assign_build(
+        [(ds.name, [r for sp in ds.splits for r in sp.records], getattr(ds.module, "ID_SPACES", {})) for ds in datasets]
+    )
     for ds, block, ds_pids in zip(datasets, blocks, pids):
         ds.block = block
         it = iter(ds_pids)

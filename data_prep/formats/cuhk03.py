@@ -46,6 +46,8 @@ SPLITS = ("train", "query", "gallery", "all")
 # CUHK03-NP train keeps the test identities out, so pre-trained models stay
 # comparable on the CUHK03-NP benchmark.
 DEFAULT_SPLITS = ("train",)
+# The new-protocol `labels` are global (1..1467) across train/query/gallery.
+ID_SPACES = {"train": "protocol", "query": "protocol", "gallery": "protocol"}
 LICENSE_NOTICE = (
     "CUHK03: academic/research use only, obtained from CUHK on request, no "
     "redistribution (exact wording not retrieved); new-protocol files from "

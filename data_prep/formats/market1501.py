@@ -31,6 +31,8 @@ LABELED = True
 SPLITS = ("train", "query", "gallery")
 # query/gallery are the standard test protocol; pre-training uses train only.
 DEFAULT_SPLITS = ("train",)
+# Market pids are global across its folders (train and test people are disjoint ids).
+ID_SPACES = {"train": "pid", "query": "pid", "gallery": "pid"}
 LICENSE_NOTICE = (
     "Market-1501: research use only (exact terms not retrieved); cite Zheng et al. "
     "ICCV 2015; images show identifiable people - treat as personal data and do not "

@@ -32,6 +32,8 @@ LABELED = True
 SPLITS = ("train", "val", "query", "gallery")
 # Standard training uses list_train only (torchreid: adding val is "combineall").
 DEFAULT_SPLITS = ("train",)
+# train/val share one label space; query/gallery are other people whose labels restart at 0.
+ID_SPACES = {"train": "train", "val": "train", "query": "test", "gallery": "test"}
 LICENSE_NOTICE = (
     "MSMT17: non-commercial research only, obtained from PKU after signing a release "
     "agreement, no redistribution (exact wording not retrieved); images show "

@@ -49,6 +49,8 @@ TASK = "ps"
 LABELED = True
 SPLITS = ("train", "test")
 DEFAULT_SPLITS = ("train",)
+# Raw PRW pids are global: some training ids also walk through test frames.
+ID_SPACES = {"train": "pid", "test": "pid"}
 LICENSE_NOTICE = "PRW: research use only; obtain it from the authors (Zheng et al., CVPR 2017)."
 
 FRAME_INDEX = {"train": ("frame_train.mat", "img_index_train"), "test": ("frame_test.mat", "img_index_test")}
