@@ -1,0 +1,207 @@
+"""Online instance matching (OIM) loss with a look-up table (LUT) and a circular queue (CQ).
+
+Semantics follow NAE/SeqNet (ps_datasets_eval.md 5.3): logits = scalar * x [LUT; CQ]^T, cross
+entropy over labelled samples only, and in the backward pass (so the gradient uses the tables
+the logits were computed with) every labelled sample moves its LUT row by momentum and
+re-normalises it, while unlabelled samples (-1) overwrite the oldest queue slots.
+
+Labels: ``>= 0`` an identity (a LUT row), ``-1`` an unlabelled person (goes to the queue only).
+Unlike NAE there is no 5555 sentinel and no ``pid - 1`` shift; background never reaches here.
+
+The table update happens when autograd runs this node's backward: no backward (eval, no_grad,
+frozen embeddings) means no update.  With torch.distributed initialised and world > 1 the
+update uses the features and labels of every rank (all_gather, rank order), so the LUT, CQ and
+queue header stay identical on every rank; the loss itself uses the local features only.
+Callers must therefore run backward through every OIM call on every rank (the model always
+calls it, with zero rows if need be).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+_SYNC: dict[str, object] = {"world": None, "group": None}
+
+
+def sync_group():
+    """A process group of our own for the table sync (None when not distributed).
+
+    The gathers run inside autograd's backward while DDP all-reduces gradient buckets on the
+    default group; the relative order of the two streams of collectives may differ between
+    ranks (data-dependent graphs), which on one shared communicator could deadlock.  Cached per
+    default group, so a re-initialised process group gets a fresh one.
+    """
+    if _world_size() == 1:
+        return None
+    if _SYNC["world"] is not dist.group.WORLD:
+        _SYNC.update(world=dist.group.WORLD, group=dist.new_group())
+    return _SYNC["group"]
+
+
+def gather_rows(x: torch.Tensor, labels: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate (x, labels) of every rank in rank order; counts may differ between ranks."""
+    world = _world_size()
+    if world == 1:
+        return x, labels
+    count = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    sizes = [int(c.item()) for c in counts]
+    most = max(sizes)
+    # all_gather needs equal shapes: pad every rank to the largest count, then trim.
+    x_pad = x.new_zeros((most, x.shape[1]))
+    x_pad[: x.shape[0]] = x
+    l_pad = labels.new_full((most,), -2)
+    l_pad[: labels.shape[0]] = labels
+    xs = [torch.empty_like(x_pad) for _ in range(world)]
+    ls = [torch.empty_like(l_pad) for _ in range(world)]
+    dist.all_gather(xs, x_pad.contiguous(), group=group)
+    dist.all_gather(ls, l_pad.contiguous(), group=group)
+    return (torch.cat([t[:n] for t, n in zip(xs, sizes)]),
+            torch.cat([t[:n] for t, n in zip(ls, sizes)]))
+
+
+def occurrence_index(labels: torch.Tensor) -> torch.Tensor:
+    """For each element, how many earlier elements carry the same label (0 for the first)."""
+    if labels.numel() == 0:
+        return labels.clone()
+    sorted_labels, perm = torch.sort(labels, stable=True)
+    _, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
+    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    occ = torch.empty_like(labels)
+    occ[perm] = torch.arange(labels.numel(), device=labels.device) - starts
+    return occ
+
+
+class _Match(torch.autograd.Function):
+    """x -> x_known [LUT; CQ]^T, with the table update in backward (NAE's OIM autograd function).
+
+    Only labelled rows get similarities (unlabelled rows have no target, NAE ignores their
+    logits); every row still reaches the table update.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, labels: torch.Tensor, oim: "OIMLoss") -> torch.Tensor:
+        ctx.oim = oim
+        ctx.save_for_backward(x, labels)
+        return oim.similarities(x[labels >= 0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, labels = ctx.saved_tensors
+        oim: OIMLoss = ctx.oim
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.zeros_like(x)
+            grad_x[labels >= 0] = oim.project(grad).to(x.dtype)
+        oim.update(x.detach(), labels)
+        return grad_x, None, None
+
+
+class OIMLoss(nn.Module):
+    """OIM loss module; buffers ``lut`` [num_pids,D], ``cq`` [cq_size,D], ``header_cq`` (int64).
+
+    ``lut_dtype`` bfloat16/float16 halves the table memory (10^6 ids x 256 = 1 GB in fp32); the
+    matrix products still run in fp32 on ``chunk`` rows at a time, so nothing larger than the
+    logits of the labelled rows (n_labelled x (N+Q)) is materialised.
+    """
+
+    def __init__(self, dim: int, num_pids: int, cq_size: int, momentum: float = 0.5,
+                 scalar: float = 30.0, lut_dtype: str = "float32", chunk: int = 65536) -> None:
+        super().__init__()
+        if lut_dtype not in DTYPES:
+            raise ValueError(f"lut_dtype must be one of {sorted(DTYPES)}, got {lut_dtype!r}")
+        self.dim, self.num_pids, self.cq_size = dim, num_pids, cq_size
+        self.momentum, self.scalar, self.chunk = momentum, scalar, chunk
+        self.register_buffer("lut", torch.zeros(num_pids, dim, dtype=DTYPES[lut_dtype]))
+        self.register_buffer("cq", torch.zeros(cq_size, dim, dtype=DTYPES[lut_dtype]))
+        self.register_buffer("header_cq", torch.zeros((), dtype=torch.long))
+
+    # ------------------------------------------------------------------ table products
+    def _banks(self) -> list[torch.Tensor]:
+        return [self.lut, self.cq]
+
+    def similarities(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B,D] -> x [LUT; CQ]^T as float32 [B, N+Q] (no scalar)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            out = x.new_empty((x.shape[0], self.num_pids + self.cq_size))
+            col = 0
+            for bank in self._banks():
+                for s in range(0, bank.shape[0], self.chunk):
+                    part = bank[s: s + self.chunk]
+                    out[:, col + s: col + s + part.shape[0]] = x @ part.float().t()
+                col += bank.shape[0]
+        return out
+
+    def project(self, grad: torch.Tensor) -> torch.Tensor:
+        """grad [B, N+Q] -> grad [LUT; CQ], i.e. the gradient with respect to x."""
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            grad = grad.float()
+            out = grad.new_zeros((grad.shape[0], self.dim))
+            col = 0
+            for bank in self._banks():
+                for s in range(0, bank.shape[0], self.chunk):
+                    part = bank[s: s + self.chunk]
+                    out += grad[:, col + s: col + s + part.shape[0]] @ part.float()
+                col += bank.shape[0]
+        return out
+
+    # ------------------------------------------------------------------ loss
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross entropy over samples with label >= 0; returns a graph-connected 0 if none."""
+        if x.dim() != 2 or x.shape[1] != self.dim or labels.shape != (x.shape[0],):
+            raise ValueError(f"OIM expects x [B,{self.dim}] and labels [B], got {tuple(x.shape)} "
+                             f"and {tuple(labels.shape)}")
+        labels = labels.to(device=x.device, dtype=torch.long)
+        if labels.numel() and (int(labels.max()) >= self.num_pids or int(labels.min()) < -1):
+            raise ValueError(f"OIM labels must lie in [-1, {self.num_pids - 1}] (num_pids={self.num_pids}), "
+                             f"got min {int(labels.min())} max {int(labels.max())}")
+        logits = _Match.apply(x, labels, self) * self.scalar     # [n_labelled, N+Q]
+        if logits.shape[0] == 0:
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, labels[labels >= 0])
+
+    # ------------------------------------------------------------------ table update
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """Apply the NAE update for (x, labels) of every rank, in order."""
+        x, labels = gather_rows(x.float(), labels, sync_group())
+        known = labels >= 0
+        self._update_lut(x[known], labels[known])
+        self._push_queue(x[labels == -1])
+
+    def _update_lut(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        # Sequential per-sample updates are order dependent only within one identity, so the
+        # k-th occurrences of all identities are applied together, k = 0, 1, ...
+        occ = occurrence_index(labels)
+        rounds = int(occ.max()) + 1 if occ.numel() else 0
+        m = self.momentum
+        for k in range(rounds):
+            sel = occ == k
+            ids = labels[sel]
+            rows = m * self.lut[ids].float() + (1.0 - m) * x[sel]
+            self.lut[ids] = F.normalize(rows, dim=1, eps=1e-12).to(self.lut.dtype)
+
+    def _push_queue(self, x: torch.Tensor) -> None:
+        n, q = x.shape[0], self.cq_size
+        if n == 0 or q == 0:
+            return
+        head = int(self.header_cq)
+        slots = (head + torch.arange(n, device=x.device)) % q
+        keep = min(n, q)   # with more samples than slots, only the last q survive
+        self.cq[slots[-keep:]] = x[-keep:].to(self.cq.dtype)
+        self.header_cq.fill_((head + n) % q)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_pids={self.num_pids}, cq_size={self.cq_size}, "
+                f"momentum={self.momentum}, scalar={self.scalar}, lut_dtype={self.lut.dtype}")

@@ -1,0 +1,199 @@
+"""NAE RoI heads: proposal labelling/sampling, res5 head, NAE embedding, BN box regressor, OIM.
+
+Proposal labels (internal; NAE4PS uses bg 0 / ignored -1 / pid+1 / 5555 instead):
+  ``det`` per proposal: 1 = person (IoU >= roi_fg_iou with a GT box, labelled or not),
+  0 = background (IoU < roi_bg_iou), -1 = ignored (IoU in between, or background lying inside
+  an ignore region by IoA > ignore_ioa); ignored proposals are never sampled.
+  ``pid`` per person proposal: the matched GT pid (>= 0 identity, -1 unlabelled -> OIM queue).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.ops import MultiScaleRoIAlign, box_iou, boxes as box_ops
+
+from pretrain.losses.oim import OIMLoss
+from pretrain.model.box_ops import inside_ignore
+from pretrain.model.config import ModelConfig
+from pretrain.model.embedding import BNBoxRegressor, NormAwareEmbedding, max_pool_flat
+
+FEATURE = "feat_res4"
+
+
+class _RowLayout:
+    """Row bookkeeping of a RoI batch laid out per image as [sampled_i; extra GT boxes_i]."""
+
+    def __init__(self, counts: list[int], extra: list[int], device: torch.device) -> None:
+        starts = torch.tensor([0] + [c + e for c, e in zip(counts, extra)], device=device).cumsum(0)
+        self.starts, self.counts = starts, counts
+        # Without extra rows the sampled rows are all rows: a slice avoids copying the RoI maps.
+        self.sampled = slice(None) if not any(extra) else torch.cat(
+            [torch.arange(c, device=device) + starts[i] for i, c in enumerate(counts)])
+        self.batch_idx = torch.cat([torch.full((c,), i, dtype=torch.long, device=device)
+                                    for i, c in enumerate(counts)])
+
+    def gt_index(self, image: int, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of image ``image``'s GT boxes: their sampled row if any, else their extra row."""
+        index = torch.empty_like(rows)
+        missing = rows < 0
+        base = self.starts[image]
+        index[~missing] = rows[~missing] + base
+        index[missing] = torch.arange(int(missing.sum()), device=rows.device) + base + self.counts[image]
+        return index
+
+
+class NAERoIHeads(nn.Module):
+    """Second stage of the NAE model; see the module docstring for the labelling."""
+
+    def __init__(self, cfg: ModelConfig, box_head: nn.Module, c4: int, c5: int) -> None:
+        super().__init__()
+        self.box_roi_pool = MultiScaleRoIAlign([FEATURE], cfg.roi_output_size, cfg.roi_sampling_ratio)
+        self.box_head = box_head
+        self.box_predictor = BNBoxRegressor(c5)
+        self.embedding_head = NormAwareEmbedding({"feat_res4": c4, "feat_res5": c5}, cfg.emb_dim)
+        self.reid_loss = OIMLoss(cfg.emb_dim, cfg.num_pids, cfg.cq_size, cfg.oim_momentum,
+                                 cfg.oim_scalar, cfg.lut_dtype)
+        self.matcher = det_utils.Matcher(cfg.roi_fg_iou, cfg.roi_bg_iou, allow_low_quality_matches=False)
+        self.sampler = det_utils.BalancedPositiveNegativeSampler(cfg.roi_batch_size, cfg.roi_pos_fraction)
+        self.box_coder = det_utils.BoxCoder(tuple(cfg.box_coder_weights))
+        self.ignore_ioa = cfg.ignore_ioa
+        self.score_thresh, self.nms_thresh = cfg.score_thresh, cfg.nms_thresh
+        self.detections_per_img = cfg.detections_per_img
+
+    # ------------------------------------------------------------------ labelling
+    def label_proposals(self, proposals: torch.Tensor, target: dict[str, torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (det label [P], pid [P], matched GT box [P,4]) for one image."""
+        gt_boxes, gt_pids = target["boxes"], target["pids"]
+        n = proposals.shape[0]
+        if gt_boxes.numel() == 0:
+            det = torch.zeros(n, dtype=torch.long, device=proposals.device)
+            pids = torch.full((n,), -1, dtype=torch.long, device=proposals.device)
+            matched = torch.zeros_like(proposals)
+        else:
+            idx = self.matcher(box_iou(gt_boxes, proposals))
+            det = torch.ones(n, dtype=torch.long, device=proposals.device)
+            det[idx == self.matcher.BELOW_LOW_THRESHOLD] = 0
+            det[idx == self.matcher.BETWEEN_THRESHOLDS] = -1
+            safe = idx.clamp(min=0)
+            pids, matched = gt_pids[safe], gt_boxes[safe]
+        det[inside_ignore(proposals, target.get("ignore"), self.ignore_ioa) & (det == 0)] = -1
+        return det, pids, matched
+
+    def sample(self, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict:
+        """Append GT boxes to the proposals, label them and sample a balanced RoI batch.
+
+        ``gt_rows[i][j]``: the row of GT box j among image i's sampled RoIs, -1 if not sampled.
+        """
+        out = {"boxes": [], "det": [], "pids": [], "reg_targets": [], "gt_rows": []}
+        labelled = []
+        for props, target in zip(proposals, targets):
+            props = torch.cat([props, target["boxes"].to(props)])
+            labelled.append((props, *self.label_proposals(props, target)))
+        pos, neg = self.sampler([det for _, det, _, _ in labelled])
+        for (props, det, pids, matched), p, q, target in zip(labelled, pos, neg, targets):
+            keep = torch.where(p | q)[0]
+            n_gt = target["boxes"].shape[0]
+            where = torch.full((props.shape[0],), -1, dtype=torch.long, device=props.device)
+            where[keep] = torch.arange(keep.numel(), device=props.device)
+            out["gt_rows"].append(where[props.shape[0] - n_gt:])
+            out["boxes"].append(props[keep])
+            out["det"].append(det[keep])
+            out["pids"].append(pids[keep])
+            out["reg_targets"].append(self.box_coder.encode_single(matched[keep], props[keep]))
+        return out
+
+    # ------------------------------------------------------------------ features
+    def roi_features(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                     image_shapes: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """RoIAlign on C4, the res5 head and max pooling -> maps and pooled vectors."""
+        maps = self.box_roi_pool(features, boxes, image_shapes)
+        res5 = self.box_head(maps)
+        return {"roi_maps": maps, "feat_res4": max_pool_flat(maps), "feat_res5": max_pool_flat(res5)}
+
+    def embed_boxes(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                    image_shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Unit-norm embeddings of the given boxes (NAE query path), one tensor per image."""
+        if sum(b.shape[0] for b in boxes) == 0:
+            return [b.new_zeros((0, self.embedding_head.dim)) for b in boxes]
+        emb, _ = self.embedding_head(self.roi_features(features, boxes, image_shapes))
+        return list(emb.split([b.shape[0] for b in boxes]))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]], targets: list[dict[str, torch.Tensor]] | None = None,
+                return_features: bool = False):
+        """Training: (losses, feats or None). Eval: list of {boxes, scores, embeddings}."""
+        if self.training:
+            if targets is None:
+                raise ValueError("NAERoIHeads needs targets in training mode")
+            return self._train_forward(features, proposals, image_shapes, targets, return_features)
+        return self._detect(features, proposals, image_shapes)
+
+    def _train_forward(self, features, proposals, image_shapes, targets, return_features):
+        s = self.sample([p.detach() for p in proposals], targets)
+        counts = [b.shape[0] for b in s["boxes"]]
+        # The hybrid objective also needs every GT box's embedding. GT boxes that were sampled
+        # (they are appended to the proposals) reuse their row; the others ride along in the
+        # same pass (one res5 run, one BN batch) and are split off before any loss.
+        if return_features:
+            extra = [t["boxes"][rows < 0].to(b) for t, rows, b in zip(targets, s["gt_rows"], s["boxes"])]
+        else:
+            extra = [b[:0] for b in s["boxes"]]
+        layout = _RowLayout(counts, [e.shape[0] for e in extra], s["boxes"][0].device)
+        f = self.roi_features(features, [torch.cat([b, e]) for b, e in zip(s["boxes"], extra)], image_shapes)
+        raw = self.embedding_head.project(f)
+        deltas = self.box_predictor(f["feat_res5"])
+        sampled = layout.sampled
+        emb, logits = self.embedding_head.split(raw[sampled])
+        det = torch.cat(s["det"])
+        pids = torch.cat(s["pids"])
+        fg = det > 0
+        losses = {
+            "loss_box_reg": self._box_loss(deltas[sampled], torch.cat(s["reg_targets"]), fg),
+            "loss_det_cls": F.binary_cross_entropy_with_logits(logits, fg.float()) if det.numel()
+            else logits.sum() * 0.0,
+            "loss_reid": self.reid_loss(emb[fg], pids[fg]),
+        }
+        if not return_features:
+            return losses, None
+        feats = {
+            "roi_maps": f["roi_maps"][sampled],
+            "box_vecs": f["feat_res5"][sampled].flatten(1),
+            "reid_emb": emb,
+            "roi_batch_idx": layout.batch_idx,
+            "gt_emb_raw": [raw[layout.gt_index(i, rows)] for i, rows in enumerate(s["gt_rows"])],
+        }
+        return losses, feats
+
+    @staticmethod
+    def _box_loss(deltas: torch.Tensor, reg_targets: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+        """torchvision's Fast R-CNN box loss: smooth L1 (beta 1/9) over fg, / all sampled."""
+        if deltas.shape[0] == 0:
+            return deltas.sum() * 0.0
+        loss = F.smooth_l1_loss(deltas[fg], reg_targets[fg], beta=1 / 9, reduction="sum")
+        return loss / deltas.shape[0]
+
+    def _detect(self, features, proposals, image_shapes) -> list[dict[str, torch.Tensor]]:
+        counts = [p.shape[0] for p in proposals]
+        if sum(counts) == 0:
+            return [self._empty_detection(features) for _ in proposals]
+        f = self.roi_features(features, proposals, image_shapes)
+        emb, logits = self.embedding_head(f)
+        boxes = self.box_coder.decode_single(self.box_predictor(f["feat_res5"]), torch.cat(proposals))
+        scores = torch.sigmoid(logits)
+        results = []
+        for b, s, e, shape in zip(boxes.split(counts), scores.split(counts), emb.split(counts), image_shapes):
+            b = box_ops.clip_boxes_to_image(b, shape)
+            keep = box_ops.remove_small_boxes(b, 1e-2)
+            keep = keep[s[keep] > self.score_thresh]
+            keep = keep[box_ops.nms(b[keep], s[keep], self.nms_thresh)][: self.detections_per_img]
+            results.append({"boxes": b[keep], "scores": s[keep], "embeddings": e[keep]})
+        return results
+
+    def _empty_detection(self, features) -> dict[str, torch.Tensor]:
+        ref = next(iter(features.values()))
+        return {"boxes": ref.new_zeros((0, 4)), "scores": ref.new_zeros((0,)),
+                "embeddings": ref.new_zeros((0, self.embedding_head.dim))}
