@@ -1,0 +1,339 @@
+"""``python -m finetune {train,eval}`` -- NAE fine-tuning and the standard evaluation.
+
+    python -m finetune eval --dataset prw --root data/PRW --checkpoint runs/ft_prw
+    python -m finetune eval --dataset cuhk_sysu --root data/CUHK-SYSU --results other_model.npz --gallery-size -1
+    python -m finetune train --dataset prw --root data/PRW --init psvis-resnet50 --init-scope full --eval
+    accelerate launch -m finetune train --dataset cuhk_sysu --root data/CUHK-SYSU --init runs/pretrain
+
+See docs/finetune.md for the protocol details and the results-file format.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from finetune import config as ftconfig
+from finetune.config import DATASETS, ConfigError, FinetuneConfig
+from finetune.datasets import DatasetError
+from finetune.evaluate import EvaluationError, SearchSettings, eval_detection, eval_search
+from finetune.init import SCOPES, InitError
+from finetune.results_io import ResultsFileError
+
+RUN_KIND = "hybridps-finetune"
+USER_ERRORS = (ConfigError, DatasetError, EvaluationError, InitError, ResultsFileError, FileNotFoundError)
+
+
+class CLIError(ValueError):
+    """A command-line problem reported without a traceback."""
+
+
+# --------------------------------------------------------------------------- arguments
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--root", required=True, help="the dataset release folder (e.g. data/PRW)")
+    p.add_argument("--config", help="fine-tuning YAML (default: finetune/configs/<dataset>.yaml)")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=0.001")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="score a model (or a results file) with the standard protocol")
+    _common(ev)
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="fine-tuning run dir, or any weight file the checkpoints package reads")
+    src.add_argument("--results", help="a results .npz (finetune/results_io.py) from any model")
+    ev.add_argument("--gallery-size", type=int, help="CUHK-SYSU: 50, 100, 500, 1000, 2000, 4000 or -1 (full)")
+    ev.add_argument("--cbgm", action="store_true", help="context bipartite graph matching (SeqNet)")
+    ev.add_argument("--det-thresh", type=float,
+                    help="gallery detection score threshold (default: eval.det_thresh of the config, 0.5)")
+    ev.add_argument("--cross-camera", action="store_true",
+                    help="PRW multi-view variant: drop same-camera gallery frames (default: kept)")
+    ev.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+
+    tr = sub.add_parser("train", help="NAE fine-tuning from an INIT")
+    _common(tr)
+    tr.add_argument("--init", required=True,
+                    help="none | registry name | pre-training run dir | weight file")
+    tr.add_argument("--init-scope", default="full", choices=tuple(SCOPES),
+                    help="backbone: trunk + layer4 only; full: also RPN, box regressor, embedding head")
+    tr.add_argument("--min-fraction", type=float, default=0.5,
+                    help="refuse an INIT that matches less than this fraction of the scope's keys")
+    tr.add_argument("--train-fraction", type=float, help="seeded fraction of training images to use")
+    tr.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--eval", action="store_true", help="evaluate the fine-tuned model afterwards")
+    tr.add_argument("--overwrite", action="store_true", help="reuse an --out that already holds a model")
+    tr.add_argument("--offline", action="store_true", help="never download a registry INIT")
+    return parser
+
+
+def load_cfg(args, base: Path | None = None) -> FinetuneConfig:
+    path = Path(args.config) if args.config else (base or ftconfig.default_config_path(args.dataset))
+    return ftconfig.load_config(path, list(args.overrides))
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------- eval
+def _settings(args, cfg: FinetuneConfig) -> SearchSettings:
+    det = cfg.eval.det_thresh if args.det_thresh is None else args.det_thresh
+    return SearchSettings(det_thresh=det, cbgm=bool(args.cbgm or cfg.eval.cbgm),
+                          cross_camera=bool(args.cross_camera or cfg.eval.cross_camera))
+
+
+def load_model_for_eval(checkpoint: str, cfg: FinetuneConfig, log=print):
+    """A fine-tuning run dir loads strictly (``cfg`` must come from its
+    config.yaml, see :func:`cmd_eval`); anything else
+    goes through the checkpoints package (any layout) and must cover the
+    whole model (detector and embedding head)."""
+    from pretrain.model import build_search_model
+
+    from finetune.init import load_scoped, resolve_init
+
+    path = Path(checkpoint)
+    meta = _run_meta(path)
+    if meta is not None:
+        from safetensors.torch import load_file
+
+        # cfg was read from the run's own config.yaml (plus any overrides)
+        model = build_search_model(cfg.model)
+        try:
+            model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+        except RuntimeError as e:
+            raise CLIError(f"{path}/model.safetensors does not fit its config.yaml (after overrides): {e}") from None
+        log(f"loaded fine-tuned model {path} ({meta.get('steps')} steps on {meta.get('dataset')})")
+        return model, cfg
+    weights = resolve_init(checkpoint)
+    if weights.backbone != cfg.model.backbone:
+        log(f"note: {checkpoint} holds a {weights.backbone}; building that instead of {cfg.model.backbone}")
+        cfg = ftconfig.with_model(cfg, backbone=weights.backbone)
+    model = build_search_model(cfg.model)
+    load_scoped(model, weights, "full", min_fraction=0.95, log=log)
+    return model, cfg
+
+
+def _run_meta(path: Path) -> dict | None:
+    meta = path / "meta.json"
+    if not (path.is_dir() and meta.is_file() and (path / "model.safetensors").is_file()):
+        return None
+    try:
+        data = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return None
+    return data if data.get("kind") == RUN_KIND else None
+
+
+def score(protocol, inputs, settings: SearchSettings):
+    """Search metrics (the chosen protocol) and detection metrics (all GT)."""
+    search = eval_search(protocol, inputs, settings)
+    detection = eval_detection(protocol, inputs.gallery)
+    labeled = eval_detection(protocol, inputs.gallery, labeled_only=True)
+    return search, detection, labeled
+
+
+def format_table(dataset: str, search, detection, labeled, settings: SearchSettings, protocol) -> str:
+    if protocol.per_query_gallery is not None:
+        size = protocol.gallery_size
+        gallery = "full test set" if size == -1 else f"gallery size {size}"
+    else:
+        gallery = "all frames but the query's, " + ("other cameras only" if settings.cross_camera else "same camera included")
+    head = f"{dataset}: {len(protocol.queries)} queries, {len(protocol.gallery)} gallery images ({gallery}); " \
+           f"det_thresh {settings.det_thresh}{', CBGM' if settings.cbgm else ''}"
+    cols = ["mAP", "top-1", "top-5", "top-10", "det AP", "det recall", "labeled recall"]
+    vals = [search.mAP, search.topk[1], search.topk[5], search.topk[10], detection.ap, detection.recall, labeled.recall]
+    return "\n".join([head, "  ".join(f"{c:>8}" for c in cols), "  ".join(f"{100 * v:8.2f}" for v in vals)])
+
+
+def write_eval(out: Path, dataset: str, protocol, search, detection, labeled, settings, source: str,
+               vis: int, log=print) -> dict:
+    """metrics.json, per_query.json and topk.png under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        "dataset": dataset, "source": source,
+        "settings": dataclasses.asdict(settings),
+        "gallery_size": protocol.gallery_size,
+        "search": search.summary(),
+        "detection": {**detection.summary(), "det_thresh": 0.01, "iou_thresh": 0.5},
+        "detection_labeled_only": labeled.summary(),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    per_query = [{"index": q.index, "query_image": protocol.queries[q.index].image_key,
+                  "query_box": protocol.queries[q.index].box, "ap": q.ap, "recall": q.recall,
+                  "count_gt": q.count_gt, "count_tp": q.count_tp, "hits": {str(k): v for k, v in q.hits.items()},
+                  "top": [dataclasses.asdict(h) for h in q.top]} for q in search.per_query]
+    (out / "per_query.json").write_text(json.dumps(per_query))
+    if vis > 0:
+        from finetune.visualize import draw_topk
+
+        log(f"wrote {draw_topk(protocol, search, out / 'topk.png', n_queries=vis)}")
+    return metrics
+
+
+def cmd_eval(args, log=print) -> dict:
+    from finetune.datasets import load_protocol
+    from finetune.results_io import check_against_protocol, read_results, write_results
+
+    if args.gallery_size is not None and args.dataset != "cuhk_sysu":
+        raise CLIError(f"--gallery-size applies to cuhk_sysu only; the {args.dataset} gallery is the whole test set")
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    base = ckpt / "config.yaml" if ckpt is not None and _run_meta(ckpt) is not None else None
+    if base is not None and args.config:
+        raise CLIError(f"{ckpt} is a fine-tuning run: its config.yaml defines the model; "
+                       "drop --config (key=value overrides still apply)")
+    cfg = load_cfg(args, base)
+    gallery_size = cfg.eval.gallery_size if args.gallery_size is None else args.gallery_size
+    settings = _settings(args, cfg)
+    protocol = load_protocol(args.dataset, args.root, gallery_size)
+    out = Path(args.out or (ckpt if ckpt is not None and ckpt.is_dir() else Path("runs/eval")) / f"eval_{args.dataset}")
+    if args.results:
+        inputs, meta = read_results(args.results)
+        for warning in check_against_protocol(inputs, protocol):
+            log(f"warning: {warning}")
+        if settings.cbgm and inputs.query_context is None:
+            raise CLIError(f"--cbgm needs query-image detections; {args.results} has no query_context_* arrays")
+        source = f"results {args.results}"
+    else:
+        model, cfg = load_model_for_eval(args.checkpoint, cfg, log)
+        device = _device(args.device)
+        model.to(device)
+        from finetune.engine import run_inference
+
+        inputs = run_inference(model, protocol, device, cfg.eval.batch_size, settings.cbgm, log)
+        log(f"wrote {write_results(out / 'results.npz', inputs, args.dataset, {'checkpoint': str(args.checkpoint)})}")
+        source = f"checkpoint {args.checkpoint}"
+    t0 = time.perf_counter()
+    search, detection, labeled = score(protocol, inputs, settings)
+    log(f"scored in {time.perf_counter() - t0:.2f}s")
+    log(format_table(args.dataset, search, detection, labeled, settings, protocol))
+    metrics = write_eval(out, args.dataset, protocol, search, detection, labeled, settings, source,
+                         cfg.eval.visualize, log)
+    log(f"wrote {out / 'metrics.json'}")
+    return metrics
+
+
+# --------------------------------------------------------------------------- train
+def cmd_train(args, log=print) -> Path:
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from pretrain.model import build_search_model
+
+    from finetune.datasets import PersonSearchDataset, load_train_records, relabel, train_subset
+    from finetune.engine import train_loop
+    from finetune.init import load_scoped, normalization_for_model, resolve_init
+
+    cfg = load_cfg(args)
+    t = cfg.train
+    t = dataclasses.replace(t, **{k: v for k, v in (("max_steps", args.max_steps), ("seed", args.seed),
+                                                    ("train_fraction", args.train_fraction)) if v is not None})
+    cfg = dataclasses.replace(cfg, train=t)
+    ftconfig.validate(cfg)
+    out = Path(args.out or f"runs/finetune_{args.dataset}")
+    if (out / "model.safetensors").exists() and not args.overwrite:
+        raise CLIError(f"{out} already holds a fine-tuned model; pass --overwrite or another --out")
+
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        # without a GPU, several launched processes only form a (gloo) group when cpu=True
+        cpu=not torch.cuda.is_available(),
+        step_scheduler_with_optimizer=False,
+        # a batch without a labeled person leaves OIM-only parameters without gradient
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    log = log if accelerator.is_main_process else (lambda *_: None)
+    set_seed(t.seed)
+
+    records, skipped = load_train_records(args.dataset, args.root)
+    subset = train_subset(records, t.train_fraction, t.seed)
+    subset, lab = relabel(subset)
+    log(f"accelerate: {accelerator.num_processes} process(es), {accelerator.distributed_type}, device {accelerator.device}")
+    log(f"{args.dataset}: {len(subset)}/{len(records)} training images (fraction {t.train_fraction}, seed {t.seed}), "
+        f"{lab.num_ids} identities -> OIM LUT {lab.num_ids}, queue {cfg.model.cq_size}"
+        + (f"; skipped {dict(skipped)}" if skipped else ""))
+
+    weights = resolve_init(args.init, offline=True if args.offline else None)
+    changes = {"num_pids": lab.num_ids}
+    if weights is not None:
+        if weights.backbone != cfg.model.backbone:
+            log(f"note: INIT is a {weights.backbone}; building that instead of {cfg.model.backbone}")
+            changes["backbone"] = weights.backbone
+        norm = normalization_for_model(weights.normalization)
+        if norm is not None:
+            changes["image_mean"], changes["image_std"] = norm
+        if weights.style == "caffe":
+            log("warning: INIT was trained caffe-style (stride in the 1x1 conv, BGR); our ResNet is pytorch-style")
+    cfg = ftconfig.with_model(cfg, **changes)
+    model = build_search_model(cfg.model)
+    init_report = None
+    if weights is not None:
+        init_report = load_scoped(model, weights, args.init_scope, args.min_fraction, log)
+    else:
+        log("INIT none: random initialisation")
+
+    dataset = PersonSearchDataset(subset, flip_prob=t.flip_prob)
+    outcome = train_loop(model, dataset, t, accelerator, log)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_run(out, accelerator.unwrap_model(model), cfg, args, lab, subset, outcome, init_report)
+        log(f"saved {out} ({outcome.steps} steps, {outcome.seconds:.1f}s)")
+        if args.eval:
+            eval_args = argparse.Namespace(dataset=args.dataset, root=args.root, config=None, overrides=[],
+                                           out=str(out / f"eval_{args.dataset}"), checkpoint=str(out),
+                                           results=None, gallery_size=None, cbgm=False, det_thresh=None,
+                                           cross_camera=False, device=str(accelerator.device))
+            cmd_eval(eval_args, log)
+    accelerator.end_training()
+    return out
+
+
+def save_run(out: Path, model, cfg: FinetuneConfig, args, lab, subset, outcome, init_report) -> None:
+    """model.safetensors + config.yaml + meta.json + the subset and loss history."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"hybridps_layout": "hybridps"})
+    ftconfig.dump_config(cfg, out / "config.yaml")
+    meta = {
+        "kind": RUN_KIND, "dataset": args.dataset, "root": str(args.root), "init": args.init,
+        "init_scope": args.init_scope, "train_fraction": cfg.train.train_fraction, "seed": cfg.train.seed,
+        "train_images": len(subset), "num_train_ids": lab.num_ids, "steps": outcome.steps,
+        "epochs": round(outcome.epochs_done, 3), "seconds": round(outcome.seconds, 1),
+        "final_losses": outcome.last_losses, "backbone": cfg.model.backbone, "style": "pytorch",
+        "mean": cfg.model.image_mean, "std": cfg.model.image_std,
+        "init_matched_fraction": None if init_report is None else round(init_report.matched_fraction, 4),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    (out / "train_subset.json").write_text(json.dumps(sorted(r.key for r in subset)))
+    (out / "id_map.json").write_text(json.dumps({str(k): v for k, v in lab.mapping.items()}))
+    with open(out / "history.jsonl", "w") as f:
+        for rec in outcome.history:
+            f.write(json.dumps(rec) + "\n")
+    if init_report is not None:
+        (out / "init_report.json").write_text(json.dumps(init_report.as_dict(), indent=1))
+
+
+# --------------------------------------------------------------------------- entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "eval":
+            cmd_eval(args)
+        else:
+            cmd_train(args)
+    except (CLIError, *USER_ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
