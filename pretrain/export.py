@@ -1,0 +1,69 @@
+"""Run-directory outputs of a pre-training run (CONTRACTS section 5).
+
+``model.safetensors``     the SearchModel state_dict without the OIM tables
+                          (``roi_heads.reid_loss.*``: training state, sized by
+                          the pre-training identity space, useless downstream)
+``backbone.safetensors``  trunk stages + the RoI head's last stage in the
+                          backbone's own layout (torchvision/timm ResNet keys
+                          with ``layer4.*`` and no ``fc``; psvis keys for shufflenet)
+``config.yaml``           the resolved config (num_pids/num_domains filled in)
+``meta.json``             backbone, style, normalisation, manifest sha256, steps,
+                          world size, final losses, where the loss history is
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pretrain.config import PretrainConfig, dump_config
+
+OIM_PREFIX = "roi_heads.reid_loss."
+
+
+def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors wants contiguous CPU tensors that share no storage."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def search_model_state(search_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """SearchModel weights without the OIM lookup table and queue."""
+    return {k: v for k, v in search_model.state_dict().items() if not k.startswith(OIM_PREFIX)}
+
+
+def backbone_state(search_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Backbone-only weights in the backbone's own key layout."""
+    state = dict(search_model.backbone_state_dict())
+    if any(k.startswith("fc.") for k in state):
+        raise ValueError("backbone export must not contain a classifier (fc.*)")
+    return state
+
+
+def export_run(hybrid: torch.nn.Module, cfg: PretrainConfig, source, out: Path, steps: int,
+               final_losses: dict[str, float], world_size: int, distributed_type: str) -> None:
+    """Write model/backbone safetensors, the resolved config and meta.json into ``out``."""
+    out = Path(out)
+    search_model = hybrid.search_model
+    save_file(_plain(search_model_state(search_model)), str(out / "model.safetensors"),
+              metadata={"format": "pt", "layout": "hybridps-nae"})
+    save_file(_plain(backbone_state(search_model)), str(out / "backbone.safetensors"),
+              metadata={"format": "pt", "backbone": cfg.model.backbone})
+    dump_config(cfg, out / "config.yaml")
+    meta = {
+        "backbone": cfg.model.backbone,
+        "style": "pytorch",
+        "mean": list(cfg.model.image_mean),
+        "std": list(cfg.model.image_std),
+        "input": "RGB float in [0, 1], normalised by mean/std inside the model",
+        "manifest_sha256": source.manifest_sha256,
+        "num_ids": source.num_ids,
+        "domains": source.domains,
+        "steps": steps,
+        "world_size": world_size,
+        "distributed_type": distributed_type,
+        "final_losses": final_losses,
+        "loss_history": "losses.jsonl",
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))

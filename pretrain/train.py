@@ -1,0 +1,299 @@
+"""The pre-training loop (accelerate-examples style: build, prepare, loop, save).
+
+Reads top to bottom in :func:`train`.  Design points that are easy to get
+wrong with accelerate + webdataset (measured, see docs/pretrain.md):
+
+* the data loader is NOT passed to ``accelerator.prepare``: accelerate would
+  either build every batch on rank 0 (dispatch) or shard an already sharded
+  stream a second time.  :class:`pretrain.data.PretrainLoader` splits the
+  epoch by rank and worker itself and gives every rank the same number of
+  batches, so collectives never wait on a rank that ran out of data;
+* the scheduler steps once per optimizer step whatever the world size
+  (``step_scheduler_with_optimizer=False``: accelerate would otherwise step
+  it ``num_processes`` times per call);
+* ``save_state`` carries the model (with the OIM LUT/queue buffers),
+  optimizer, scheduler, RNG states, the loader position and the step, so
+  ``--resume`` continues with the same data order and loss trajectory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
+from tqdm.auto import tqdm
+
+from pretrain.augment import ViewParams
+from pretrain.config import PretrainConfig, dump_config, to_dict
+from pretrain.data import PretrainLoader, ShardSource, open_source
+from pretrain.export import export_run
+from pretrain.hybrid import HybridModel
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue (bad resume target, missing tracker...)."""
+
+
+class TrainState:
+    """Step counter checkpointed with ``register_for_checkpointing``."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+# --------------------------------------------------------------------------- builders
+def resolve_for_data(cfg: PretrainConfig, source: ShardSource) -> PretrainConfig:
+    """Fill the sizes that come from the build: OIM LUT rows and domain count."""
+    model = dataclasses.replace(cfg.model, num_pids=source.num_ids)
+    hybrid = dataclasses.replace(cfg.hybrid, num_domains=len(source.domains))
+    return dataclasses.replace(cfg, model=model, hybrid=hybrid)
+
+
+def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
+    """NAE-style SGD over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def lr_factor(step: int, t) -> float:
+    """Multiplier of the base lr after ``step`` optimizer steps: linear
+    warm-up from ``warmup_factor``, then step decay, cosine or constant."""
+    if step < t.warmup_steps:
+        alpha = step / max(1, t.warmup_steps)
+        warm = t.warmup_factor * (1 - alpha) + alpha
+    else:
+        warm = 1.0
+    if t.schedule == "step":
+        return warm * t.gamma ** sum(step >= m for m in t.milestones)
+    if t.schedule == "cosine":
+        progress = min(1.0, max(0.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)))
+        return warm * 0.5 * (1 + math.cos(math.pi * progress))
+    return warm
+
+
+def build_scheduler(optimizer, t) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))
+
+
+def make_accelerator(cfg: PretrainConfig, out: Path) -> Accelerator:
+    t = cfg.train
+    return Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.grad_accum,
+        log_with=t.log_with,
+        project_config=ProjectConfiguration(project_dir=str(out), automatic_checkpoint_naming=True,
+                                            total_limit=t.total_limit),
+        step_scheduler_with_optimizer=False,
+        # The hybrid model touches every parameter every step; the kwargs only
+        # make the assumption explicit (a wrong one fails loudly in DDP).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a loader batch (nested lists/dicts of tensors) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [to_device(v, device) for v in batch]
+    return batch
+
+
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if re.fullmatch(r"checkpoint_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def resolve_resume(out: Path, resume: str | None) -> Path | None:
+    """``None`` -> fresh run; ``"latest"`` -> newest checkpoint of ``out``; else a path."""
+    if resume is None:
+        if _checkpoint_dirs(out):
+            raise TrainError(f"{out} already holds checkpoints: pass --resume to continue or choose another --out")
+        return None
+    if resume == "latest":
+        found = _checkpoint_dirs(out)
+        if not found:
+            raise TrainError(f"--resume: no checkpoints under {out / 'checkpoints'}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "custom_checkpoint_0.pkl").is_file():
+        raise TrainError(f"--resume {path}: not an accelerate checkpoint of this trainer")
+    return path
+
+
+def _flat_hparams(cfg: PretrainConfig) -> dict:
+    """TensorBoard hparams take scalars only."""
+    flat = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            key = prefix[:-1]
+            flat[key] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk("", to_dict(cfg))
+    return flat
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- the loop
+def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
+    """Run (or continue) a pre-training run; returns the run directory."""
+    out = Path(cfg.train.output_dir)
+    t = cfg.train
+    start_from = resolve_resume(out, resume)
+    accelerator = make_accelerator(cfg, out)
+    set_seed(t.seed)
+
+    source = open_source(cfg.data.shards, cfg.data.urls, cfg.data.manifest, cfg.data.splits)
+    cfg = resolve_for_data(cfg, source)
+    model = HybridModel(cfg.model, cfg.hybrid)
+    if accelerator.num_processes > 1 and (t.sync_bn or cfg.model.norm_layer == "syncbn"):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    loader = PretrainLoader(source, cfg.data, ViewParams.from_config(cfg.data, cfg.model), t.seed,
+                            accelerator.process_index, accelerator.num_processes)
+    state = TrainState()
+    accelerator.register_for_checkpointing(loader, state)
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    if t.log_with:
+        # checked on every rank before any collective, so a missing package cannot strand the others
+        if t.log_with == "tensorboard" and not is_tensorboard_available():
+            raise TrainError("train.log_with=tensorboard but neither tensorboard nor tensorboardX is installed")
+        accelerator.init_trackers("pretrain", config=_flat_hparams(cfg))
+        if accelerator.is_main_process and not accelerator.trackers:
+            raise TrainError(f"log_with={t.log_with!r} but no tracker started (is tensorboard installed?)")
+    if start_from is not None:
+        accelerator.load_state(str(start_from))
+        accelerator.project_configuration.iteration = int(start_from.name.split("_")[-1]) + 1
+        accelerator.print(f"resumed from {start_from} at step {state.step} "
+                          f"(epoch {loader.epoch}, batch {loader.consumed})")
+
+    history = _open_history(out, state.step, accelerator.is_main_process)
+    keys_log = _open_keys_log(out, accelerator.process_index, state.step)
+    progress = tqdm(total=t.max_steps, initial=state.step, desc="pretrain",
+                    disable=not (t.progress and accelerator.is_local_main_process))
+    window: dict[str, list[float]] = {}
+    model.train()
+    batches = iter(loader)
+    last = {}
+    while state.step < t.max_steps:
+        for _ in range(t.grad_accum):
+            batch = next(batches)
+            keys_log.write("".join(f"{state.step + 1}\t{k}\n" for k in batch["keys"]))
+            with accelerator.accumulate(model):
+                out_losses = model(to_device(batch, accelerator.device))
+                accelerator.backward(out_losses["loss"])
+                if accelerator.sync_gradients and t.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            for k, v in out_losses.items():
+                window.setdefault(k, []).append(float(v.detach()))
+        state.step += 1
+        last = _reduce_means(accelerator, window)
+        window.clear()
+        last["lr"] = scheduler.get_last_lr()[0]
+        if accelerator.is_main_process:
+            history.write(json.dumps({"step": state.step, **last}) + "\n")
+            history.flush()
+        if t.log_with and (state.step % t.log_every == 0 or state.step == t.max_steps):
+            accelerator.log(last, step=state.step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{last['loss']:.3f}")
+        if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
+            accelerator.save_state()
+    progress.close()
+    keys_log.close()
+
+    accelerator.save_state()
+    accelerator.wait_for_everyone()
+    _write_rank_report(out, accelerator, model, state.step)
+    if accelerator.is_main_process:
+        history.close()
+        export_run(accelerator.unwrap_model(model), cfg, source, out, steps=state.step, final_losses=last,
+                   world_size=accelerator.num_processes, distributed_type=str(accelerator.distributed_type))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out
+
+
+def _reduce_means(accelerator: Accelerator, window: dict[str, list[float]]) -> dict[str, float]:
+    """Mean of each logged value over the accumulation window and all ranks."""
+    names = sorted(window)
+    local = torch.tensor([sum(window[n]) / len(window[n]) for n in names], dtype=torch.float64,
+                         device=accelerator.device)
+    mean = accelerator.reduce(local, reduction="mean") if accelerator.num_processes > 1 else local
+    return {n: float(v) for n, v in zip(names, mean.tolist())}
+
+
+def _open_history(out: Path, step: int, main: bool):
+    """``losses.jsonl`` (main process): every step's losses; on resume, lines
+    after the checkpoint's step are dropped so the file stays one trajectory."""
+    path = out / "losses.jsonl"
+    if not main:
+        return open(os.devnull, "w")
+    kept = []
+    if step and path.is_file():
+        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    f = open(path, "w")
+    f.write("".join(ln + "\n" for ln in kept))
+    return f
+
+
+def _open_keys_log(out: Path, rank: int, step: int):
+    """``ranks/keys_rank<r>.tsv``: step and sample key of every sample this
+    rank trained on (audit trail for the no-duplicate / full-coverage checks)."""
+    path = out / "ranks" / f"keys_rank{rank}.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if step and path.is_file():
+        kept = [ln for ln in path.read_text().splitlines() if ln and int(ln.split("\t")[0]) <= step]
+    f = open(path, "w")
+    f.write("".join(ln + "\n" for ln in kept))
+    return f
+
+
+def _write_rank_report(out: Path, accelerator: Accelerator, model, steps: int) -> None:
+    """``ranks/rank<r>.json``: world size and hashes of the state every rank
+    must agree on (parameters, OIM LUT and queue)."""
+    inner = accelerator.unwrap_model(model)
+    reid = inner.search_model.roi_heads.reid_loss
+    params = torch.cat([p.detach().float().reshape(-1).cpu() for p in inner.parameters()])
+    report = {
+        "rank": accelerator.process_index, "world_size": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type), "steps": steps,
+        "lut_sha256": _sha(reid.lut), "cq_sha256": _sha(reid.cq), "params_sha256": _sha(params),
+    }
+    (out / "ranks" / f"rank{accelerator.process_index}.json").write_text(json.dumps(report, indent=1))
