@@ -97,6 +97,29 @@ def image_size(payload, fmt: str) -> tuple[int, int]:
         raise ImageError("corrupt_image", str(e)) from None
 
 
+def header_size(path) -> tuple[int, int]:
+    """(width, height) of an image file from its header only (no pixel
+    decode).  Raises :class:`ImageError` with reason ``missing_file`` or
+    ``corrupt_image``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return int(im.width), int(im.height)
+    except FileNotFoundError:
+        raise ImageError("missing_file", str(path)) from None
+    except Exception as e:  # PIL raises several types for unreadable headers
+        raise ImageError("corrupt_image", f"{path}: {e}") from None
+
+
+def header_size_or_reason(path) -> tuple[int, int] | str:
+    """Like :func:`header_size`, but returns the skip reason instead of raising."""
+    try:
+        return header_size(path)
+    except ImageError as e:
+        return e.reason
+
+
 def check_jpeg_complete(data: bytes) -> None:
     """Cheap integrity check for pass-through JPEGs: start-of-image marker,
     and an end-of-image marker within the last bytes (some encoders pad)."""

@@ -74,7 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval", action="store_true", help="evaluate the fine-tuned model afterwards")
     tr.add_argument("--overwrite", action="store_true", help="reuse an --out that already holds a model")
     tr.add_argument("--offline", action="store_true", help="never download a registry INIT")
+    cp = sub.add_parser("compare", help="one table from several eval outputs (metrics.json or their folders)")
+    cp.add_argument("evals", nargs="+", help="eval --out folders or metrics.json files")
+    cp.add_argument("--names", nargs="+", help="row names (default: the paths)")
+    cp.add_argument("--out", help="also write the table (markdown) here")
     return parser
+
+
+def cmd_compare(args) -> None:
+    from finetune.compare import compare_table
+
+    table = compare_table(args.evals, args.names)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+        print(f"wrote {args.out}")
 
 
 def load_cfg(args, base: Path | None = None) -> FinetuneConfig:
@@ -327,13 +341,17 @@ def save_run(out: Path, model, cfg: FinetuneConfig, args, lab, subset, outcome, 
 
 # --------------------------------------------------------------------------- entry
 def main(argv: list[str] | None = None) -> int:
+    from finetune.compare import CompareError
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "eval":
             cmd_eval(args)
+        elif args.command == "compare":
+            cmd_compare(args)
         else:
             cmd_train(args)
-    except (CLIError, *USER_ERRORS) as e:
+    except (CLIError, CompareError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from pretrain.config import ConfigError, from_dict, load_yaml_with_includes, to_dict
+from pretrain.config import ConfigError, apply_override, from_dict, load_yaml_with_includes, to_dict
 from pretrain.model.config import ModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -71,31 +71,12 @@ def default_config_path(dataset: str) -> Path:
     return CONFIG_DIR / f"{dataset}.yaml"
 
 
-def _set_dotted(data: dict, assignment: str) -> None:
-    if "=" not in assignment:
-        raise ConfigError(f"override {assignment!r} must look like key.path=value")
-    key, raw = assignment.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"override {assignment!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {assignment!r}: value is not valid YAML ({e})") from None
-    node = data
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-
-
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:
     """YAML (with ``include:``) + dotted overrides -> validated config.  Unknown
     keys are an error naming the closest known key (``from_dict``)."""
     data = load_yaml_with_includes(path) if path else {}
     for ov in overrides:
-        _set_dotted(data, ov)
+        data = apply_override(data, ov, FinetuneConfig)
     try:
         cfg = from_dict(FinetuneConfig, data)
     except (TypeError, ValueError) as e:

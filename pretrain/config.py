@@ -198,8 +198,8 @@ def load_yaml_with_includes(path: str | Path, _seen: tuple = ()) -> dict:
     return _deep_merge(merged, data)
 
 
-def apply_override(data: dict, assignment: str) -> dict:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a raw mapping."""
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML)."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must look like key.path=value")
     key, raw = assignment.split("=", 1)
@@ -210,7 +210,15 @@ def apply_override(data: dict, assignment: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {assignment!r}: value is not valid YAML ({e})") from None
-    cls: Any = PretrainConfig
+    return parts, value
+
+
+def apply_override(data: dict, assignment: str, root_cls: Any = None) -> dict:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a raw
+    mapping, checking each key against the dataclass tree of ``root_cls``
+    (default :class:`PretrainConfig`) so a typo names the closest known key."""
+    parts, value = parse_override(assignment)
+    cls: Any = PretrainConfig if root_cls is None else root_cls
     node = data
     for i, part in enumerate(parts):
         if cls is not None and dataclasses.is_dataclass(cls):

@@ -46,10 +46,15 @@ def export_run(hybrid: torch.nn.Module, cfg: PretrainConfig, source, out: Path, 
     """Write model/backbone safetensors, the resolved config and meta.json into ``out``."""
     out = Path(out)
     search_model = hybrid.search_model
+    # style and input normalisation travel inside the files too (JSON values,
+    # as the checkpoints package reads them), so a file copied out of the run
+    # directory still says how it must be fed.
+    provenance = {"style": "pytorch", "channels": "RGB", "arch": json.dumps(cfg.model.backbone),
+                  "mean": json.dumps(list(cfg.model.image_mean)), "std": json.dumps(list(cfg.model.image_std))}
     save_file(_plain(search_model_state(search_model)), str(out / "model.safetensors"),
-              metadata={"format": "pt", "layout": "hybridps-nae"})
+              metadata={"format": "pt", "layout": "hybridps-nae", **provenance})
     save_file(_plain(backbone_state(search_model)), str(out / "backbone.safetensors"),
-              metadata={"format": "pt", "backbone": cfg.model.backbone})
+              metadata={"format": "pt", "backbone": cfg.model.backbone, **provenance})
     dump_config(cfg, out / "config.yaml")
     meta = {
         "backbone": cfg.model.backbone,

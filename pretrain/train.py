@@ -99,7 +99,11 @@ def make_accelerator(cfg: PretrainConfig, out: Path) -> Accelerator:
         step_scheduler_with_optimizer=False,
         # The hybrid model touches every parameter every step; the kwargs only
         # make the assumption explicit (a wrong one fails loudly in DDP).
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        # broadcast_buffers=False: the OIM LUT/queue are already identical on
+        # every rank (updated from all-gathered features), and re-broadcasting
+        # them each step would move the whole table (1 GB at 10^6 ids).  BN
+        # running statistics stay per rank, as with SyncBN off on any DDP run.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)],
     )
 
 
@@ -201,7 +205,8 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
     history = _open_history(out, state.step, accelerator.is_main_process)
     keys_log = _open_keys_log(out, accelerator.process_index, state.step)
     progress = tqdm(total=t.max_steps, initial=state.step, desc="pretrain",
-                    disable=not (t.progress and accelerator.is_local_main_process))
+                    # None = off when stderr is not a terminal (logs stay readable)
+                    disable=None if (t.progress and accelerator.is_local_main_process) else True)
     window: dict[str, list[float]] = {}
     model.train()
     batches = iter(loader)

@@ -9,7 +9,7 @@ source "$(dirname "$0")/_env.sh"
 OUT="${DEMO_OUT:-demo_out}"
 SEED="${DEMO_SEED:-0}"
 PRETRAIN_STEPS="${DEMO_PRETRAIN_STEPS:-300}"
-FINETUNE_STEPS="${DEMO_FINETUNE_STEPS:-300}"
+FINETUNE_STEPS="${DEMO_FINETUNE_STEPS:-250}"
 mkdir -p "$OUT"
 step() { echo; echo "=== [$(date +%H:%M:%S)] $*"; }
 

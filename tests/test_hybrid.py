@@ -11,13 +11,7 @@ PS = ("loss_rpn_cls", "loss_rpn_reg", "loss_box_reg", "loss_det_cls", "loss_reid
 IAM = tuple(f"loss_{t}_{lv}" for t in ("det", "reid") for lv in ("img", "ins", "cst"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is shared; one intra-op thread avoids oversubscription slow-downs.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_view(seed: int, shift: float = 0.0) -> dict:

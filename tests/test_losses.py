@@ -16,13 +16,7 @@ from pretrain.losses.oim import OIMLoss, occurrence_index
 from pretrain.losses.simsiam import PredictionMLP, negative_cosine, output_std, simsiam_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is shared; one intra-op thread avoids oversubscription slow-downs.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unit(*v):

@@ -30,8 +30,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from PIL import Image
 
+from ..imageio import header_size
 from ..record import Fix, ImageRef, ParseItem, Record, Skip, box_is_degenerate, clip_box, safe_key
 
 NAME = "crowdhuman"
@@ -69,10 +69,7 @@ def index_images(root: Path) -> dict[str, Path]:
     return index
 
 
-def read_image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image header; PIL does not decode pixels here."""
-    with Image.open(path) as im:
-        return int(im.width), int(im.height)
+read_image_size = header_size  # (width, height) from the header; raises ImageError
 
 
 def _xywh_to_xyxy(raw) -> list[float] | None:

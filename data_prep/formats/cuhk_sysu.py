@@ -33,6 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from ..protocol import GalleryImage, Protocol, Query
+from ..imageio import header_size_or_reason
 from ..record import Fix, ImageRef, ParseItem, Record, Skip, box_is_degenerate, clip_box, safe_key
 
 NAME = "cuhk_sysu"
@@ -171,17 +172,7 @@ def _labels(root: Path, split: str, images, names) -> tuple[dict, list[str]]:
 
 
 # --------------------------------------------------------------------------- parse
-def _image_size(path: Path):
-    """(W, H) from the file header, or a skip reason."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return int(im.width), int(im.height)
-    except FileNotFoundError:
-        return "missing_file"
-    except Exception:
-        return "corrupt_image"
+_image_size = header_size_or_reason  # (W, H) from the header, or a skip reason
 
 
 def _split_names(root: Path, split: str, images: dict) -> list[str]:

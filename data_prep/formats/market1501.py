@@ -21,8 +21,8 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from PIL import Image
 
+from ..imageio import header_size
 from ..record import ImageRef, ParseItem, Record, Skip, safe_key
 
 NAME = "market1501"
@@ -69,10 +69,7 @@ def parse_name(name: str) -> tuple[int, int] | None:
         return None
 
 
-def read_image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the JPEG header (PIL does not decode pixels here)."""
-    with Image.open(path) as im:
-        return int(im.width), int(im.height)
+read_image_size = header_size  # (width, height) from the header; raises ImageError
 
 
 def _crop_items(root: Path, path: Path, split: str) -> Iterator[ParseItem]:

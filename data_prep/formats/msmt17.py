@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from PIL import Image
 
+from ..imageio import header_size
 from ..record import ImageRef, ParseItem, Record, Skip, safe_key
 
 NAME = "msmt17"
@@ -106,10 +106,7 @@ def camera_of(filename: str) -> int | None:
     return int(fields[2])
 
 
-def read_image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the JPEG header (PIL does not decode pixels here)."""
-    with Image.open(path) as im:
-        return int(im.width), int(im.height)
+read_image_size = header_size  # (width, height) from the header; raises ImageError
 
 
 def _read_list(path: Path) -> Iterator[tuple[int, str]]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..protocol import GalleryImage, Protocol, Query
+from ..imageio import header_size_or_reason
 from ..record import Fix, ImageRef, ParseItem, Record, Skip, box_is_degenerate, clip_box, safe_key
 
 NAME = "posetrack21"
@@ -93,15 +94,7 @@ def _xyxy(bbox) -> list[float]:
 def _image_size(root: Path, image: dict):
     if image.get("width") and image.get("height"):
         return int(image["width"]), int(image["height"])
-    from PIL import Image
-
-    try:
-        with Image.open(root / image["file_name"]) as im:
-            return int(im.width), int(im.height)
-    except FileNotFoundError:
-        return "missing_file"
-    except Exception:
-        return "corrupt_image"
+    return header_size_or_reason(root / image["file_name"])
 
 
 def _ignore_regions(image: dict, width: int, height: int) -> list[list[float]]:

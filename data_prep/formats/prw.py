@@ -42,6 +42,7 @@ from typing import Iterator
 import numpy as np
 
 from ..protocol import GalleryImage, Protocol, Query
+from ..imageio import header_size_or_reason
 from ..record import Fix, ImageRef, ParseItem, Record, Skip, box_is_degenerate, clip_box, safe_key
 
 NAME = "prw"
@@ -141,16 +142,7 @@ def standard_boxes(xywh: np.ndarray) -> np.ndarray:
     return b.astype(np.int32)
 
 
-def _image_size(path: Path):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return int(im.width), int(im.height)
-    except FileNotFoundError:
-        return "missing_file"
-    except Exception:
-        return "corrupt_image"
+_image_size = header_size_or_reason  # (W, H) from the header, or a skip reason
 
 
 def parse(root, split: str, **options) -> Iterator[ParseItem]:

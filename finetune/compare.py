@@ -1,0 +1,56 @@
+"""Side-by-side table of several evaluations (``metrics.json`` files).
+
+Used by the demo to compare fine-tuning from random, backbone-only and full
+pre-trained initialisation at equal steps.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COLUMNS = (
+    ("mAP", ("search", "mAP")),
+    ("top-1", ("search", "top1")),
+    ("top-5", ("search", "top5")),
+    ("top-10", ("search", "top10")),
+    ("det AP", ("detection", "ap")),
+    ("det recall", ("detection", "recall")),
+)
+
+
+class CompareError(ValueError):
+    """A metrics file is missing or is not an evaluation output."""
+
+
+def load_metrics(path: str | Path) -> dict:
+    """``path`` is a ``metrics.json`` or a folder holding one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.json"
+    if not p.is_file():
+        raise CompareError(f"{p}: no metrics.json (run `python -m finetune eval ... --out DIR` first)")
+    data = json.loads(p.read_text())
+    if "search" not in data or "detection" not in data:
+        raise CompareError(f"{p}: not a finetune eval metrics file (no 'search'/'detection')")
+    return data
+
+
+def _value(metrics: dict, keys: tuple[str, str]) -> float:
+    v = metrics.get(keys[0], {}).get(keys[1])
+    return float("nan") if v is None else float(v)
+
+
+def compare_table(paths: list[str | Path], names: list[str] | None = None) -> str:
+    """A markdown table, one row per evaluation, in percent (metrics.json
+    stores fractions)."""
+    names = list(names) if names else [str(p) for p in paths]
+    if len(names) != len(paths):
+        raise CompareError(f"{len(paths)} metrics files but {len(names)} names")
+    rows = [(n, load_metrics(p)) for n, p in zip(names, paths)]
+    datasets = sorted({m.get("dataset", "?") for _, m in rows})
+    head = "| init | " + " | ".join(f"{c} (%)" for c, _ in COLUMNS) + " |"
+    sep = "|---|" + "---:|" * len(COLUMNS)
+    lines = [f"dataset: {', '.join(datasets)}", "", head, sep]
+    for name, m in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{100 * _value(m, k):.2f}" for _, k in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
