@@ -5,7 +5,7 @@
     python -m finetune train --dataset prw --root data/PRW --init psvis-resnet50 --init-scope full --eval
     accelerate launch -m finetune train --dataset cuhk_sysu --root data/CUHK-SYSU --init runs/pretrain
 
-See docs/finetune.md for the protocol details and the results-file format.
+See the README section "Fine-tuning and evaluation" for the protocol details and the results-file format.
 """
 from __future__ import annotations
 

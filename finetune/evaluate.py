@@ -1,7 +1,7 @@
 """The standard person-search evaluation protocol, vectorised.
 
 This is the protocol of the OIM / NAE / SeqNet ``eval_func`` family
-(reference: /work/shared/reference/ps_datasets_eval.md, section 4), written
+(OIM's psdb.py, NAE4PS's evaluator, SeqNet's eval_func.py), written
 with numpy so that one query costs a handful of array operations instead of a
 python loop over every gallery image:
 

@@ -33,7 +33,7 @@ Epoch semantics:
   already consumed, without reading them) sees the same data.
 
 The loader is never passed through ``accelerator.prepare``: accelerate would
-dispatch or re-shard it (see docs/pretrain.md).
+dispatch or re-shard it (see the README, "Data pipeline").
 """
 from __future__ import annotations
 

@@ -67,8 +67,14 @@ class HybridConfig:
     grl_coef: float = 1.0
     predictor_hidden: int = 64          # SimSiam bottleneck: emb_dim / 4
     iam_hidden: int = 128                # width of the domain classifiers (cost grows with it on RoI maps)
-    det_domains: list[int] | None = None    # domains the detection IAM aligns (None = all)
-    reid_domains: list[int] | None = None   # domains the re-ID IAM aligns (None = all)
+    # Which datasets each IAM aligns.  "task" (default, the paper's *intra-task* alignment:
+    # "two separate IAMs ... to reduce the discrepancy for pedestrian detection and re-ID
+    # datasets, respectively"): the detection IAM sees the detection (and person-search)
+    # datasets, the re-ID IAM the re-ID datasets; the trainer fills det_domains/reid_domains
+    # from the manifest.  "all": both IAMs align every dataset.
+    align_scope: str = "task"
+    det_domains: list[int] | None = None    # explicit domain list for the detection IAM (None = all)
+    reid_domains: list[int] | None = None   # explicit domain list for the re-ID IAM (None = all)
     loss: LossConfig = field(default_factory=LossConfig)
 
 

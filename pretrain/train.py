@@ -1,7 +1,7 @@
 """The pre-training loop (accelerate-examples style: build, prepare, loop, save).
 
 Reads top to bottom in :func:`train`.  Design points that are easy to get
-wrong with accelerate + webdataset (measured, see docs/pretrain.md):
+wrong with accelerate + webdataset (measured, see the README, "Pre-training"):
 
 * the data loader is NOT passed to ``accelerator.prepare``: accelerate would
   either build every batch on rank 0 (dispatch) or shard an already sharded
@@ -55,10 +55,29 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------- builders
+def task_domains(manifest: dict) -> tuple[list[int], list[int]]:
+    """Domain indices of the detection-side (det, ps) and the re-ID datasets of a build."""
+    det, reid = [], []
+    for i, name in enumerate(manifest["domains"]):
+        task = manifest["datasets"][name]["task"]
+        (reid if task == "reid" else det).append(i)
+    return det, reid
+
+
 def resolve_for_data(cfg: PretrainConfig, source: ShardSource) -> PretrainConfig:
-    """Fill the sizes that come from the build: OIM LUT rows and domain count."""
+    """Fill what comes from the build: OIM LUT rows, domain count and, for
+    ``hybrid.align_scope: task``, which datasets each IAM aligns."""
     model = dataclasses.replace(cfg.model, num_pids=source.num_ids)
     hybrid = dataclasses.replace(cfg.hybrid, num_domains=len(source.domains))
+    if hybrid.align_scope not in ("task", "all"):
+        raise TrainError(f"hybrid.align_scope must be 'task' or 'all', got {hybrid.align_scope!r}")
+    if hybrid.align_scope == "task":
+        det, reid = task_domains(source.manifest)
+        hybrid = dataclasses.replace(
+            hybrid,
+            det_domains=hybrid.det_domains if hybrid.det_domains is not None else det,
+            reid_domains=hybrid.reid_domains if hybrid.reid_domains is not None else reid,
+        )
     return dataclasses.replace(cfg, model=model, hybrid=hybrid)
 
 

@@ -165,7 +165,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     assert proc.returncode == 2 and "unknown config key" in proc.stderr
 
 
-PSVIS_KEYS = Path("/work/shared/reference/psvis_keys.json")   # dumped from the released PretrainPS weights
+PSVIS_KEYS = Path(__file__).parent / "data" / "psvis_keys.json"   # dumped from the released PretrainPS weights
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "shufflenet"])
@@ -182,10 +182,8 @@ def test_backbone_export_layout(backbone):
     assert not any(k.startswith("roi_heads.reid_loss.") for k in search_model_state(model))
     if backbone == "resnet18":
         want = {k: list(v.shape) for k, v in resnet18().state_dict().items() if not k.startswith("fc.")}
-    elif PSVIS_KEYS.is_file():
-        want = {k: shape for k, shape, _ in json.loads(PSVIS_KEYS.read_text())["shufflenetv1"]}
     else:
-        pytest.skip("psvis key dump not available")
+        want = {k: shape for k, shape, _ in json.loads(PSVIS_KEYS.read_text())["shufflenetv1"]}
     assert got == want
 
 
@@ -318,3 +316,24 @@ def test_iam_probe_script_runs(world, tmp_path):
     assert [ln["variant"] for ln in lines] == ["iam", "no_iam"]
     assert all(0.0 <= ln["probe_accuracy"] <= 1.0 and ln["domains"] == 5 for ln in lines)
     assert "with IAM" in proc.stdout
+
+
+def test_intra_task_alignment_scopes_follow_the_manifest_tasks():
+    """align_scope task: detection IAM over det/ps datasets, re-ID IAM over re-ID ones."""
+    from types import SimpleNamespace
+
+    from pretrain.config import load_config
+    from pretrain.train import TrainError, resolve_for_data, task_domains
+
+    manifest = {"num_ids": 50, "domains": ["crowdhuman", "msmt17", "ecp", "luperson"],
+                "datasets": {"crowdhuman": {"task": "det"}, "msmt17": {"task": "reid"},
+                             "ecp": {"task": "det"}, "luperson": {"task": "reid"}}}
+    assert task_domains(manifest) == ([0, 2], [1, 3])
+    source = SimpleNamespace(manifest=manifest, num_ids=50, domains=manifest["domains"])
+    cfg = resolve_for_data(load_config("pretrain/configs/tiny.yaml"), source)
+    assert (cfg.hybrid.num_domains, cfg.hybrid.det_domains, cfg.hybrid.reid_domains) == (4, [0, 2], [1, 3])
+    assert cfg.model.num_pids == 50
+    everything = resolve_for_data(load_config("pretrain/configs/tiny.yaml", ["hybrid.align_scope=all"]), source)
+    assert everything.hybrid.det_domains is None and everything.hybrid.reid_domains is None
+    with pytest.raises(TrainError, match="align_scope"):
+        resolve_for_data(load_config("pretrain/configs/tiny.yaml", ["hybrid.align_scope=bogus"]), source)
