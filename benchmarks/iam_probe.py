@@ -5,9 +5,15 @@ re-ID alignment on) and without (both off) -- then fits a linear probe
 (sklearn LogisticRegression, stratified k-fold cross-validation) that
 predicts the dataset (domain) of an image from its globally pooled backbone
 C4 features.  Lower probe accuracy = less domain information left in the
-features, which is what the adversarial alignment aims for.
+features, which is what the adversarial alignment aims for.  The probe is
+fitted over all datasets and, because the IAMs are *intra-task*
+(``hybrid.align_scope: task``), also within the detection datasets and within
+the re-ID datasets separately.
 
-    python benchmarks/iam_probe.py [--shards BUILD] [--steps 30] [--work DIR]
+    python benchmarks/iam_probe.py [--shards BUILD] [--steps 30] [--work DIR] [key=value ...]
+
+Trailing ``key=value`` config overrides apply to both variants (e.g.
+``hybrid.loss.lambda_adv=1.0``).
 
 Without --shards it writes the synthetic world of the paper's five datasets
 with the project's own tools first.  Prints one JSON line per variant and a
@@ -52,6 +58,7 @@ def synthetic_build(work: Path, size: str) -> Path:
 
 
 def train_variant(shards: Path, out: Path, steps: int, config: Path, overrides: list[str]) -> Path:
+    """Train one variant (skipped when ``out`` already holds a model)."""
     if (out / "model.safetensors").is_file():
         return out
     cmd = [sys.executable, "-m", "pretrain", "--config", str(config), "--shards", str(shards), "--out", str(out),
@@ -63,9 +70,10 @@ def train_variant(shards: Path, out: Path, steps: int, config: Path, overrides: 
 
 
 @torch.no_grad()
-def pooled_features(run: Path, shards: Path) -> tuple[np.ndarray, np.ndarray]:
+def pooled_features(run: Path, shards: Path) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """Global-average-pooled C4 features and domain labels of every shard sample
-    (re-ID crops on their expand_resize canvas, as in training)."""
+    (re-ID crops on their expand_resize canvas, as in training), plus each
+    domain's task ("det", "reid", "ps")."""
     from safetensors.torch import load_file
 
     from pretrain import data as D
@@ -77,6 +85,7 @@ def pooled_features(run: Path, shards: Path) -> tuple[np.ndarray, np.ndarray]:
     model.load_state_dict(load_file(str(run / "model.safetensors")), strict=False)
     model.eval()
     src = D.open_source(shards=str(shards))
+    tasks = {i: src.manifest["datasets"][name]["task"] for i, name in enumerate(src.manifest["domains"])}
     reader = D.ShardReader(src.shards)
     items = [(n, (s, i, 0), n) for n, (s, i) in
              enumerate((s, i) for s, info in enumerate(src.shards) for i in range(info.samples))]
@@ -88,7 +97,7 @@ def pooled_features(run: Path, shards: Path) -> tuple[np.ndarray, np.ndarray]:
         batch = model.transform([image])[0].tensors
         feats.append(model.backbone(batch).mean(dim=(2, 3))[0].numpy())
         domains.append(sample["domain"])
-    return np.stack(feats), np.asarray(domains)
+    return np.stack(feats), np.asarray(domains), tasks
 
 
 def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[float, float, int]:
@@ -99,8 +108,9 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[float, 
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    _, y = np.unique(y, return_inverse=True)   # subsets: labels need not start at 0
     counts = np.bincount(y)
-    folds = int(min(5, counts[counts > 0].min()))
+    folds = int(min(5, counts.min()))
     if folds < 2:
         raise SystemExit("every domain needs >= 2 samples for cross-validation")
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
@@ -116,22 +126,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=ROOT / "pretrain" / "configs" / "tiny.yaml")
     p.add_argument("--size", default="tiny", choices=("tiny", "small"), help="synthetic world size")
     p.add_argument("--work", type=Path, help="working dir (kept; default: a temporary dir)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for both variants")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="iam_probe_") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         shards = args.shards or synthetic_build(work, args.size)
-        results = {}
+        results: dict[str, dict[str, float]] = {}
         for name, overrides in VARIANTS.items():
-            run = train_variant(shards, work / name, args.steps, args.config, overrides)
-            x, y = pooled_features(run, shards)
-            acc, chance, folds = probe_accuracy(x, y)
-            results[name] = acc
-            print(json.dumps({"variant": name, "steps": args.steps, "samples": int(len(y)),
-                              "domains": int(len(np.unique(y))), "folds": folds,
-                              "probe_accuracy": round(acc, 4), "majority_rate": round(chance, 4)}))
-        print(f"domain probe accuracy: with IAM {results['iam']:.3f}, without IAM {results['no_iam']:.3f}")
+            run = train_variant(shards, work / name, args.steps, args.config, [*args.overrides, *overrides])
+            x, y, tasks = pooled_features(run, shards)
+            groups = {"all": np.ones(len(y), bool),
+                      "det": np.isin(y, [d for d, t in tasks.items() if t != "reid"]),
+                      "reid": np.isin(y, [d for d, t in tasks.items() if t == "reid"])}
+            results[name] = {}
+            for group, keep in groups.items():
+                if len(np.unique(y[keep])) < 2:
+                    continue
+                acc, chance, folds = probe_accuracy(x[keep], y[keep])
+                results[name][group] = acc
+                print(json.dumps({"variant": name, "group": group, "steps": args.steps,
+                                  "samples": int(keep.sum()), "domains": int(len(np.unique(y[keep]))),
+                                  "folds": folds, "probe_accuracy": round(acc, 4),
+                                  "majority_rate": round(chance, 4)}))
+        for group in results["iam"]:
+            print(f"domain probe accuracy ({group} datasets): with IAM {results['iam'][group]:.3f}, "
+                  f"without IAM {results['no_iam'][group]:.3f}")
     return 0
 
 

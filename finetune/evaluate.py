@@ -20,6 +20,8 @@ out.  Nothing here knows about models.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain, repeat
+from operator import is_not, itemgetter
 from typing import Sequence
 
 import numpy as np
@@ -29,6 +31,9 @@ TOPK = (1, 5, 10)
 CBGM_DEFAULTS = {"cuhk": (10, 3), "prw": (30, 4)}
 # SeqNet's Kuhn-Munkres keeps the best matched weight starting from this floor.
 _KM_FLOOR = -100.0
+# Cells (query x detection, or query x list entry) handled per block of
+# queries: bounds the temporaries (the chunk's similarity matrix: 16 MB).
+_BLOCK_CELLS = 1 << 22
 
 
 class EvaluationError(ValueError):
@@ -212,22 +217,29 @@ class GalleryIndex:
         self.keys = list(keys)
         self.pos = {k: i for i, k in enumerate(self.keys)}
         dets = [gallery[k] for k in self.keys]
-        raw_counts = np.asarray([np.shape(d.scores)[0] if np.ndim(d.scores) else 1 for d in dets], np.int64)
-        for k, d, n in zip(self.keys, dets, raw_counts):
-            if np.shape(d.boxes) != (n, 4) or (dim is not None and np.shape(d.feats) != (n, dim)):
-                raise EvaluationError(
-                    f"gallery image {k!r}: boxes {np.shape(d.boxes)}, scores {np.shape(d.scores)}, features "
-                    f"{np.shape(d.feats)}; expected ({n}, 4), ({n},), ({n}, {dim if dim is not None else 'D'})"
-                )
+        shapes = [(_shape(d.scores), _shape(d.boxes), _shape(d.feats)) for d in dets]
+        raw_counts = np.fromiter((s[0] if s else 1 for s, _, _ in shapes), np.int64, len(dets))
+        bad = [i for i, ((_, b, f), n) in enumerate(zip(shapes, raw_counts.tolist()))
+               if b != (n, 4) or (dim is not None and f != (n, dim))]
+        if bad:
+            k, (s, b, f), n = self.keys[bad[0]], shapes[bad[0]], raw_counts[bad[0]]
+            raise EvaluationError(
+                f"gallery image {k!r}: boxes {b}, scores {s}, features {f}; "
+                f"expected ({n}, 4), ({n},), ({n}, {dim if dim is not None else 'D'})"
+            )
         # concatenate once, then filter: per-image filtering costs a python round trip per image
         boxes = _cat([d.boxes for d in dets], (0, 4), np.float64)
-        scores = _cat([np.ravel(d.scores) for d in dets], (0,), np.float64)
+        scores = _cat([d.scores if s else np.ravel(d.scores) for d, (s, _, _) in zip(dets, shapes)], (0,), np.float64)
         keep = scores >= det_thresh
+        every = bool(keep.all())
         raw_img = np.repeat(np.arange(len(dets)), raw_counts)
         self.counts = np.bincount(raw_img[keep], minlength=len(dets)).astype(np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
-        self.boxes, self.scores = boxes[keep], scores[keep]
-        self.feats = None if dim is None else _cat([d.feats for d in dets], (0, dim), np.float32)[keep]
+        self.boxes, self.scores = (boxes, scores) if every else (boxes[keep], scores[keep])
+        self.feats = None
+        if dim is not None:
+            feats = _cat([d.feats for d in dets], (0, dim), np.float32)
+            self.feats = feats if every else feats[keep]
         self.img = np.repeat(np.arange(len(self.keys)), self.counts)
 
     @property
@@ -238,8 +250,13 @@ class GalleryIndex:
         return [self.keys[i] for i in self.img[det_idx]], self.boxes[det_idx]
 
 
+def _shape(x) -> tuple:
+    """``np.shape`` without its dispatch overhead for arrays (called per image)."""
+    return x.shape if isinstance(x, np.ndarray) else np.shape(x)
+
+
 def _cat(arrays: list, empty_shape: tuple, dtype) -> np.ndarray:
-    arrays = [a for a in arrays if np.shape(a)[0]]
+    """Concatenate shape-checked per-image arrays (empty ones included)."""
     return np.concatenate(arrays).astype(dtype, copy=False) if arrays else np.zeros(empty_shape, dtype)
 
 
@@ -307,18 +324,24 @@ class _CuhkPlan:
     def __init__(self, protocol, index: GalleryIndex, full_set: bool):
         lists = protocol.per_query_gallery
         n_img = len(index.keys)
+        # One C-level pass per column over the flattened entries: these lists
+        # hold gallery_size x n_queries tuples, and a per-entry python
+        # expression here used to cost more than all the array work after it.
+        flat = list(chain.from_iterable(lists))
         try:
-            e_img = np.asarray([index.pos[k] for lst in lists for k, _ in lst], np.int64)
+            e_img = np.fromiter(map(index.pos.__getitem__, map(itemgetter(0), flat)), np.int64, len(flat))
         except KeyError as e:
             raise EvaluationError(f"protocol gallery image {e.args[0]!r} is not in the test gallery") from None
-        e_q = np.repeat(np.arange(len(lists)), [len(lst) for lst in lists])
-        e_has = np.asarray([gt is not None for lst in lists for _, gt in lst], bool)
-        self.gt_table = np.asarray([gt if gt is not None else [np.nan] * 4 for lst in lists for _, gt in lst],
-                                   np.float64).reshape(-1, 4)
-        self.count_gt = np.bincount(e_q[e_has], minlength=len(lists))
-        uniq, first = np.unique(e_q * n_img + e_img, return_index=True)
-        self.uq_q, self.uq_img = uniq // n_img, uniq % n_img
-        self.uq_gt = np.where(e_has[first], first, -1)
+        e_has = np.fromiter(map(is_not, map(itemgetter(1), flat), repeat(None)), bool, len(flat))
+        with_gt = np.flatnonzero(e_has)
+        self.gt_table = _gt_boxes([flat[i][1] for i in with_gt])
+        gt_row = np.full(len(flat), -1, np.int64)
+        gt_row[with_gt] = np.arange(with_gt.size)
+        lens = np.fromiter(map(len, lists), np.int64, len(lists))
+        e_q = np.repeat(np.arange(len(lists)), lens)
+        self.count_gt = np.bincount(e_q[with_gt], minlength=len(lists))
+        self.uq_q, self.uq_img, first = _first_entries(e_img, lens, n_img)
+        self.uq_gt = gt_row[first]
         self.own = np.asarray([index.pos.get(q.image_key, -1) for q in protocol.queries], np.int64)
         self.full_set, self.n_img = full_set, n_img
 
@@ -337,6 +360,51 @@ class _CuhkPlan:
         gt[self.uq_q[a:b] - lo, self.uq_img[a:b]] = self.uq_gt[a:b]
         pq, pimg = np.nonzero(mask)
         return pq, pimg, gt[pq, pimg], self.count_gt[lo:hi]
+
+
+def _first_entries(e_img: np.ndarray, lens: np.ndarray, n_img: int):
+    """Per query, each listed image once, by ascending image: (query, image,
+    index of its first entry), query-major.
+
+    Lists are sorted as the rows of a padded 2-D block, a block of queries at
+    a time: one row sort per query is much cheaper than one sort of every
+    entry.  Entries are encoded as image * width + position, so the sort
+    also puts an image's first entry first.
+    """
+    width = int(lens.max()) if lens.size else 0
+    if width == 0:
+        return (np.zeros((0,), np.int64),) * 3
+    starts = np.cumsum(lens) - lens
+    out_q, out_img, out_first = [], [], []
+    step = max(1, _BLOCK_CELLS // width)
+    for lo in range(0, lens.size, step):
+        hi = min(lens.size, lo + step)
+        a, b = starts[lo], starts[hi - 1] + lens[hi - 1]
+        rows = np.repeat(np.arange(hi - lo), lens[lo:hi])
+        col = np.arange(b - a) - (starts[lo:hi] - a)[rows]
+        sentinel = n_img * width
+        block = np.full((hi - lo, width), sentinel, np.int64)
+        block[rows, col] = e_img[a:b] * width + col
+        block.sort(axis=1)
+        img, first_col = np.divmod(block, width)
+        keep = block < sentinel
+        keep[:, 1:] &= img[:, 1:] != img[:, :-1]
+        q, c = np.nonzero(keep)
+        out_q.append(q + lo)
+        out_img.append(img[q, c])
+        out_first.append(starts[q + lo] + first_col[q, c])
+    return np.concatenate(out_q), np.concatenate(out_img), np.concatenate(out_first)
+
+
+def _gt_boxes(boxes: list) -> np.ndarray:
+    """The listed ground-truth boxes as an (n, 4) float64 table."""
+    try:
+        table = np.asarray(boxes, np.float64).reshape(-1, 4)
+    except ValueError:
+        table = None
+    if table is None or table.shape[0] != len(boxes):
+        raise EvaluationError("per_query_gallery ground-truth boxes must be 4 numbers (x1, y1, x2, y2) each")
+    return table
 
 
 class _PrwPlan:
@@ -428,33 +496,132 @@ def _label_rows(index: GalleryIndex, gt_table, rq, rd, rgt, sims) -> np.ndarray:
     return y_true
 
 
-def _query_metrics(sims: np.ndarray, y_true: np.ndarray, count_gt: int, topk, keep_top: int):
-    """AP x recall, top-k hits and the ``keep_top`` best rows of one query."""
-    pos = sims[y_true]
-    count_tp = int(pos.size)
-    if count_tp > count_gt:
-        raise EvaluationError(f"{count_tp} true positives but only {count_gt} ground truths")
-    recall = count_tp / count_gt if count_gt else 0.0
-    if count_tp:
-        ap = average_precision(y_true, sims) * recall
-        # all detections sorted together: the best positive's rank decides every k
-        best = int((sims > pos.max()).sum())
+@dataclass
+class _ChunkScores:
+    """Ranking metrics of a chunk of queries, one entry per query."""
+
+    ap: np.ndarray
+    recall: np.ndarray
+    count_tp: np.ndarray
+    best: np.ndarray            # rows ranked above the best positive (int64 max: no positive)
+    top: list                   # per query: its kept row offsets, best first
+
+
+def _padded(values: np.ndarray, seg: np.ndarray, n_seg: int, fill: float) -> np.ndarray:
+    """Scatter ``values`` (grouped by ascending ``seg``) into an (n_seg, width)
+    grid, one row per segment, left-aligned and padded with ``fill``."""
+    lens = np.bincount(seg, minlength=n_seg)
+    col = np.arange(seg.size) - (np.cumsum(lens) - lens)[seg]
+    grid = np.full((n_seg, int(lens.max()) if seg.size else 0), fill, np.float64)
+    grid[seg, col] = values
+    return grid
+
+
+def _segment_ap(seg: np.ndarray, score: np.ndarray, y_true: np.ndarray, n_seg: int) -> np.ndarray:
+    """sklearn's AP of every segment at once (0 where a segment has no positive).
+
+    As in :func:`average_precision`, AP = (1/P) * sum over positives p of
+    tp(>= s_p) / n(>= s_p).  One sort by (segment, descending score) turns
+    both counts into positions: for a positive, the end of its run of tied
+    scores minus its segment's start.
+    """
+    ap = np.zeros(n_seg)
+    if not y_true.any():
+        return ap
+    order = np.lexsort((-score, seg))
+    seg, score, y_true = seg[order], score[order], y_true[order]
+    n = seg.size
+    run_end = np.ones(n, bool)
+    run_end[:-1] = (seg[1:] != seg[:-1]) | (score[1:] != score[:-1])
+    ends = np.flatnonzero(run_end)
+    pos = np.flatnonzero(y_true)
+    end = ends[np.searchsorted(ends, pos)]
+    seg_start = np.searchsorted(seg, seg[pos], "left")
+    cum_tp = np.concatenate([[0], np.cumsum(y_true)])
+    n_ge = end + 1 - seg_start
+    tp_ge = cum_tp[end + 1] - cum_tp[seg_start]
+    back = np.argsort(order[pos])
+    ratio, pos_seg = (tp_ge / n_ge)[back], seg[pos][back]
+    firsts = np.flatnonzero(np.concatenate([[True], pos_seg[1:] != pos_seg[:-1]]))
+    n_pos = np.diff(np.append(firsts, pos_seg.size))
+    ap[pos_seg[firsts]] = _sum_runs(ratio, firsts, n_pos) / n_pos
+    return ap
+
+
+def _sum_runs(values: np.ndarray, firsts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Sum of each run ``values[f:f + n]``, bit-equal to ``np.sum`` of that run.
+
+    Runs of one length are summed as the rows of one 2-D block, which numpy
+    reduces row by row with the same pairwise summation as a 1-D ``np.sum``
+    (``np.add.reduceat`` does not: it adds in another order).
+    """
+    out = np.empty(firsts.size)
+    for n in np.unique(lengths):
+        runs = np.flatnonzero(lengths == n)
+        out[runs] = values[firsts[runs, None] + np.arange(n)].sum(axis=1)
+    return out
+
+
+def _chunk_scores(sims: np.ndarray, y_true: np.ndarray, rq: np.ndarray, n_q: int, count_gt: np.ndarray,
+                  keep_top: int, pair_q: np.ndarray, pair_lo: np.ndarray) -> _ChunkScores:
+    """AP x recall, the best positive's rank (top-k) and the ``keep_top`` best
+    rows of every query of a chunk; rows are grouped by query (``rq``
+    ascending), then by image (``pair_q``/``pair_lo``: see :func:`_top_rows`)."""
+    pr = np.flatnonzero(y_true)
+    count_tp = np.bincount(rq[pr], minlength=n_q)
+    bad = np.flatnonzero(count_tp > count_gt)
+    if bad.size:
+        c = int(bad[0])
+        raise EvaluationError(f"query offset {c}: {count_tp[c]} true positives but only {count_gt[c]} ground truths")
+    recall = np.divide(count_tp, count_gt, out=np.zeros(n_q), where=count_gt > 0)
+
+    # Only rows scoring at least their query's weakest positive enter its
+    # n(>= s_p) counts: rank those few, not whole galleries.
+    weakest = np.full(n_q, np.inf)
+    np.minimum.at(weakest, rq[pr], sims[pr])
+    cand = np.flatnonzero(sims >= weakest[rq])
+    ap = _segment_ap(rq[cand], sims[cand], y_true[cand], n_q) * recall
+
+    # all detections sorted together: the best positive's rank decides every k
+    strongest = np.full(n_q, np.inf)
+    strongest[count_tp > 0] = -np.inf
+    np.maximum.at(strongest, rq[pr], sims[pr])
+    above = np.bincount(rq[sims > strongest[rq]], minlength=n_q)
+    best = np.where(count_tp > 0, above, np.iinfo(np.int64).max)
+    return _ChunkScores(ap, recall, count_tp, best, _top_rows(sims, rq, n_q, pair_q, pair_lo, keep_top))
+
+
+def _top_rows(sims: np.ndarray, rq: np.ndarray, n_q: int, pair_q: np.ndarray, pair_lo: np.ndarray,
+              keep_top: int) -> list:
+    """Per query, the offsets (within its rows) of its ``keep_top`` most
+    similar rows, best first, ties to the lower offset.
+
+    ``pair_lo`` starts each non-empty (query, image) run of rows.  The
+    ``keep_top``-th largest per-image maximum of a query bounds its
+    ``keep_top``-th largest row from below (those maxima are distinct rows),
+    so only the rows above that bound -- a few images' worth -- get sorted.
+    """
+    if keep_top <= 0 or sims.size == 0:
+        return [np.zeros((0,), np.int64)] * n_q
+    image_max = _padded(np.maximum.reduceat(sims, pair_lo), pair_q, n_q, -np.inf)
+    width = image_max.shape[1]
+    if width >= keep_top:   # -inf (every row) for a query with fewer images
+        bound = np.partition(image_max, width - keep_top, axis=1)[:, width - keep_top]
     else:
-        ap, best = 0.0, np.iinfo(np.int64).max
-    keep = min(keep_top, sims.size)
-    top = np.zeros((0,), np.int64)
-    if keep > 0:
-        part = np.argpartition(-sims, keep - 1)[:keep]
-        top = part[np.argsort(-sims[part], kind="stable")]
-    return ap, recall, count_tp, {k: best < k for k in topk}, top
+        bound = np.full(n_q, -np.inf)
+    cand = np.flatnonzero(sims >= bound[rq])
+    cand = cand[np.lexsort((cand, -sims[cand], rq[cand]))]
+    starts = np.searchsorted(rq[cand], np.arange(n_q + 1))
+    first_row = np.searchsorted(rq, np.arange(n_q))
+    return [cand[starts[c]:min(starts[c + 1], starts[c] + keep_top)] - first_row[c] for c in range(n_q)]
 
 
 def _evaluate_plan(plan, index: GalleryIndex, q: np.ndarray, protocol, inputs, settings, cbgm) -> list[QueryResult]:
-    """Score every query.  Rows (query, detection) are built, compared and
-    labelled a chunk of queries at a time; ranking metrics then take a few
-    array operations per query."""
+    """Score every query.  Rows (query, detection) are built, compared,
+    labelled and ranked a chunk of queries at a time with array operations;
+    python only assembles the per-query result records."""
     n_q = q.shape[0]
-    chunk = max(1, min(256, (1 << 22) // max(1, index.n_dets)))
+    chunk = max(1, min(256, _BLOCK_CELLS // max(1, index.n_dets)))
     results = []
     for lo in range(0, n_q, chunk):
         hi = min(n_q, lo + chunk)
@@ -470,19 +637,29 @@ def _evaluate_plan(plan, index: GalleryIndex, q: np.ndarray, protocol, inputs, s
                 _cbgm_rescore(index, rd[a:b], sims[a:b], inputs.query_context[lo + c],
                               np.asarray(protocol.queries[lo + c].box, np.float64), *cbgm)
         y_true = _label_rows(index, plan.gt_table, rq, rd, rgt, sims)
-        for c in range(hi - lo):
-            a, b = bounds[c], bounds[c + 1]
-            try:
-                ap, recall, count_tp, hits, top = _query_metrics(sims[a:b], y_true[a:b], int(count_gt[c]),
-                                                                  settings.topk, settings.keep_top)
-            except EvaluationError as e:
-                raise EvaluationError(f"query {lo + c}: {e}") from None
-            res = QueryResult(lo + c, ap, recall, int(count_gt[c]), count_tp, hits)
-            if top.size:
-                res.top_keys, res.top_boxes = index.hit_info(rd[a:b][top])
-                res.top_scores, res.top_correct = sims[a:b][top], y_true[a:b][top]
-            results.append(res)
+        try:
+            filled = counts > 0
+            pair_lo = (np.cumsum(counts) - counts)[filled]
+            sc = _chunk_scores(sims, y_true, rq, hi - lo, np.asarray(count_gt, np.int64), settings.keep_top,
+                               pq[filled], pair_lo)
+        except EvaluationError as e:
+            raise EvaluationError(f"queries {lo}..{hi - 1}: {e}") from None
+        results.extend(_query_results(sc, lo, count_gt, bounds, index, rd, sims, y_true, settings.topk))
     return results
+
+
+def _query_results(sc: _ChunkScores, lo: int, count_gt, bounds, index, rd, sims, y_true, topk) -> list:
+    out = []
+    for c in range(len(sc.ap)):
+        res = QueryResult(lo + c, float(sc.ap[c]), float(sc.recall[c]), int(count_gt[c]), int(sc.count_tp[c]),
+                          {k: bool(sc.best[c] < k) for k in topk})
+        top = sc.top[c]
+        if top.size:
+            rows = bounds[c] + top
+            res.top_keys, res.top_boxes = index.hit_info(rd[rows])
+            res.top_scores, res.top_correct = sims[rows], y_true[rows]
+        out.append(res)
+    return out
 
 
 def eval_search_cuhk(protocol, inputs: SearchInputs, settings: SearchSettings | None = None) -> SearchMetrics:

@@ -10,7 +10,16 @@ OUT="${DEMO_OUT:-demo_out}"
 SEED="${DEMO_SEED:-0}"
 PRETRAIN_STEPS="${DEMO_PRETRAIN_STEPS:-300}"
 FINETUNE_STEPS="${DEMO_FINETUNE_STEPS:-250}"
-mkdir -p "$OUT"
+# A re-run starts from scratch; only a folder this script made (marker file) is removed.
+if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
+    if [ -f "$OUT/.hybridps-demo" ]; then
+        rm -rf "$OUT"
+    else
+        echo "error: $OUT exists and was not made by this demo; set DEMO_OUT to another folder" >&2
+        exit 2
+    fi
+fi
+mkdir -p "$OUT" && touch "$OUT/.hybridps-demo"
 step() { echo; echo "=== [$(date +%H:%M:%S)] $*"; }
 
 step "1/7 synthetic world (release-format copies of 9 datasets)"

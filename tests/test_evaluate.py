@@ -382,3 +382,66 @@ def test_results_file_errors(tmp_path):
     back, _ = read_results(write_results(tmp_path / "q.npz", full, "prw"))
     with pytest.raises(ResultsFileError, match="3 query features"):
         check_against_protocol(back, protocol)
+
+
+# --------------------------------------------------------------------------- chunked ranking internals
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_segment_ap_equals_per_query_average_precision_bit_for_bit(seed):
+    """The all-queries-at-once AP (one sort, counts from positions) gives the
+    very float that per-query ``average_precision`` gives -- with heavy ties,
+    a segment without positives, segments with >8 and >64 positives (other
+    summation paths) and segments of one row."""
+    from finetune.evaluate import _segment_ap
+
+    rng = np.random.default_rng(seed)
+    sizes = [1, 5, 40, 300, 2000, 17, 0, 9]
+    fracs = [1.0, 0.4, 0.3, 0.2, 0.05, 0.0, 0.5, 1.0]
+    seg = np.repeat(np.arange(len(sizes)), sizes)
+    score = np.round(rng.random(seg.size), 2)          # 100 distinct values: many ties
+    y = np.concatenate([rng.random(n) < f for n, f in zip(sizes, fracs)])
+    y[seg == 1] = [True, False, True, False, False]
+    ours = _segment_ap(seg, score, y, len(sizes))
+    for s in range(len(sizes)):
+        rows = seg == s
+        want = average_precision(y[rows], score[rows]) if y[rows].any() else 0.0
+        assert ours[s] == want, (s, ours[s], want)            # exact, not approx
+        if y[rows].any() and not y[rows].all():
+            assert ours[s] == pytest.approx(average_precision_score(y[rows], score[rows]), abs=1e-12)
+
+
+def test_top_rows_ties_go_to_the_earlier_gallery_image():
+    """Equal similarities in different images rank in gallery-list order, and
+    the ranked list is cut at keep_top even inside a tie."""
+    gallery = [gimg("q", [BIG], [1])] + [gimg(k, [BIG], [2]) for k in "abcde"]
+    lists = [[(k, None) for k in "ecabd"]]
+    protocol = Protocol("cuhk", [Query(0, "q", ref("q"), BIG, 1)], gallery, per_query_gallery=lists,
+                        gallery_size=5)
+    det = {"q": dets([]), "a": dets([(BIG, 0.9, 0.5)]), "b": dets([(BIG, 0.9, 0.7), (OTHER, 0.9, 0.5)]),
+           "c": dets([(BIG, 0.9, 0.5)]), "d": dets([(BIG, 0.9, 0.9)]), "e": dets([(BIG, 0.9, 0.5)])}
+    m = eval_search(protocol, SearchInputs(det, E0), SearchSettings(keep_top=4))
+    top = m.per_query[0].top
+    # 0.9 (d), 0.7 (b), then the 0.5 tie: a before b's second box before c before e; cut at 4
+    assert [(h.image_key, round(h.score, 3)) for h in top] == [("d", 0.9), ("b", 0.7), ("a", 0.5), ("b", 0.5)]
+
+
+def test_cuhk_blocks_of_queries_give_the_same_numbers(monkeypatch):
+    """Queries are processed in blocks sized by a cell budget; blocks of one
+    or two queries give exactly what one block gives, and both equal the loop
+    reference (duplicated list entries present)."""
+    from finetune import evaluate
+
+    bench = _loop_reference()
+    protocol, inputs = bench.make_case(n_images=150, n_ids=40, persons_per_image=(2, 6), n_queries=30,
+                                       dim=8, seed=11, kind="cuhk", gallery_size=60, n_cameras=2)
+    assert any(len(lst) != len({k for k, _ in lst}) for lst in protocol.per_query_gallery)
+    whole = eval_search(protocol, inputs)
+    n_dets = sum(len(d) for d in inputs.gallery.values())
+    monkeypatch.setattr(evaluate, "_BLOCK_CELLS", n_dets + 1)   # one query per chunk, 1-2 per plan block
+    split = eval_search(protocol, inputs)
+    for a, b in zip(whole.per_query, split.per_query):
+        assert (a.ap, a.recall, a.count_gt, a.count_tp, a.hits) == (b.ap, b.recall, b.count_gt, b.count_tp, b.hits)
+        # similarities are float32 products: a matrix product and per-query
+        # matrix-vector products may round the last bit differently
+        assert a.top_keys == b.top_keys and np.allclose(a.top_scores, b.top_scores, rtol=1e-6, atol=0)
+    aps, accs = bench.loop_eval_search(protocol, inputs)
+    bench.assert_same(split, aps, accs)

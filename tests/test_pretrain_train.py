@@ -313,8 +313,10 @@ def test_iam_probe_script_runs(world, tmp_path):
                            "--work", str(tmp_path)], capture_output=True, text=True, env=run_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert [ln["variant"] for ln in lines] == ["iam", "no_iam"]
-    assert all(0.0 <= ln["probe_accuracy"] <= 1.0 and ln["domains"] == 5 for ln in lines)
+    assert [(ln["variant"], ln["group"]) for ln in lines] == [
+        (v, g) for v in ("iam", "no_iam") for g in ("all", "det", "reid")]
+    assert all(0.0 <= ln["probe_accuracy"] <= 1.0 for ln in lines)
+    assert [ln["domains"] for ln in lines[:3]] == [5, 2, 3]   # crowdhuman+ecp / msmt17+cuhk03+luperson
     assert "with IAM" in proc.stdout
 
 
