@@ -436,7 +436,7 @@ def test_cuhk_blocks_of_queries_give_the_same_numbers(monkeypatch):
     assert any(len(lst) != len({k for k, _ in lst}) for lst in protocol.per_query_gallery)
     whole = eval_search(protocol, inputs)
     n_dets = sum(len(d) for d in inputs.gallery.values())
-    monkeypatch.setattr(evaluate, "_BLOCK_CELLS", n_dets + 1)   # one query per chunk, 1-2 per plan block
+    monkeypatch.setattr(evaluate, "_BLOCK_CELLS", n_dets + 1)   # one query per chunk, a few per plan block
     split = eval_search(protocol, inputs)
     for a, b in zip(whole.per_query, split.per_query):
         assert (a.ap, a.recall, a.count_gt, a.count_tp, a.hits) == (b.ap, b.recall, b.count_gt, b.count_tp, b.hits)
