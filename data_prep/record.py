@@ -125,3 +125,18 @@ def clip_box(box, width: int, height: int) -> list[float]:
 
 def box_is_degenerate(box, min_size: float = 1.0) -> bool:
     return (box[2] - box[0]) < min_size or (box[3] - box[1]) < min_size
+
+
+def fit_box(box, width: int, height: int, dataset: str, split: str, source: str,
+            detail: str = "") -> tuple[list[float] | None, list[Fix | Skip]]:
+    """Clip an xyxy box to the image.  Returns the clipped box (None when
+    nothing usable is left) and the notes to yield: ``Fix("box_clipped")``
+    when clipping changed it, ``Skip("degenerate_box")`` when it vanished."""
+    clipped = clip_box(box, width, height)
+    notes: list[Fix | Skip] = []
+    if clipped != [float(v) for v in box]:
+        notes.append(Fix(dataset, split, "box_clipped", source))
+    if box_is_degenerate(clipped):
+        notes.append(Skip(dataset, split, "degenerate_box", source, detail or f"outside the image: {list(box)}"))
+        return None, notes
+    return clipped, notes

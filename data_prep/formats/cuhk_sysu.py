@@ -34,7 +34,7 @@ import numpy as np
 
 from ..protocol import GalleryImage, Protocol, Query
 from ..imageio import header_size_or_reason
-from ..record import Fix, ImageRef, ParseItem, Record, Skip, box_is_degenerate, clip_box, safe_key
+from ..record import ImageRef, ParseItem, Record, Skip, fit_box, safe_key
 
 NAME = "cuhk_sysu"
 TASK = "ps"
@@ -213,12 +213,10 @@ def _record(root: Path, split: str, name: str, xywhs, pids) -> Iterator[ParseIte
         if xywh[2] <= 0 or xywh[3] <= 0:
             yield Skip(NAME, split, "degenerate_box", source, f"xywh={list(xywh)}")
             continue
-        box = _xyxy(xywh)
-        clipped = clip_box(box, width, height)
-        if clipped != box:
-            yield Fix(NAME, split, "box_clipped", source)
-        if box_is_degenerate(clipped):
-            yield Skip(NAME, split, "degenerate_box", source, f"outside the image: xywh={list(xywh)}")
+        clipped, notes = fit_box(_xyxy(xywh), width, height, NAME, split, source,
+                                 f"outside the image: xywh={list(xywh)}")
+        yield from notes
+        if clipped is None:
             continue
         boxes.append(clipped)
         ids.append(pid)

@@ -28,7 +28,7 @@ from typing import Iterator
 
 from ..protocol import GalleryImage, Protocol, Query
 from ..imageio import header_size_or_reason
-from ..record import Fix, ImageRef, ParseItem, Record, Skip, box_is_degenerate, clip_box, safe_key
+from ..record import ImageRef, ParseItem, Record, Skip, box_is_degenerate, clip_box, fit_box, safe_key
 
 NAME = "posetrack21"
 TASK = "ps"
@@ -140,12 +140,10 @@ def _record(root: Path, split: str, image: dict, anns: list[dict]) -> Iterator[P
         if w <= 0 or h <= 0:
             yield Skip(NAME, split, "degenerate_box", source, f"bbox={ann['bbox']}")
             continue
-        box = _xyxy(ann["bbox"])
-        clipped = clip_box(box, width, height)
-        if clipped != box:
-            yield Fix(NAME, split, "box_clipped", source)
-        if box_is_degenerate(clipped):
-            yield Skip(NAME, split, "degenerate_box", source, f"outside the frame: bbox={ann['bbox']}")
+        clipped, notes = fit_box(_xyxy(ann["bbox"]), width, height, NAME, split, source,
+                                 f"outside the frame: bbox={ann['bbox']}")
+        yield from notes
+        if clipped is None:
             continue
         boxes.append(clipped)
         ids.append(person_id(ann))

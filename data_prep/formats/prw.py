@@ -43,7 +43,7 @@ import numpy as np
 
 from ..protocol import GalleryImage, Protocol, Query
 from ..imageio import header_size_or_reason
-from ..record import Fix, ImageRef, ParseItem, Record, Skip, box_is_degenerate, clip_box, safe_key
+from ..record import Fix, ImageRef, ParseItem, Record, Skip, fit_box, safe_key
 
 NAME = "prw"
 TASK = "ps"
@@ -177,12 +177,10 @@ def _record(root: Path, split: str, frame: str) -> Iterator[ParseItem]:
             continue
         if row[1] < 0 or row[2] < 0:
             yield Fix(NAME, split, "box_shifted", source)
-        xyxy = [float(v) for v in box]
-        clipped = clip_box(xyxy, width, height)
-        if clipped != xyxy:
-            yield Fix(NAME, split, "box_clipped", source)
-        if box_is_degenerate(clipped):
-            yield Skip(NAME, split, "degenerate_box", source, f"after clipping: {clipped}")
+        clipped, notes = fit_box([float(v) for v in box], width, height, NAME, split, source,
+                                 f"outside the frame: xywh={row[1:].tolist()}")
+        yield from notes
+        if clipped is None:
             continue
         boxes.append(clipped)
         ids.append(_pid(row[0]))
