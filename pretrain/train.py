@@ -274,11 +274,18 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
 
 
 def _reduce_means(accelerator: Accelerator, window: dict[str, list[float]]) -> dict[str, float]:
-    """Mean of each logged value over the accumulation window and all ranks."""
+    """Mean of each logged value over the accumulation window and all ranks.
+
+    NaN values are left out: a monitor can be undefined for one batch (a
+    domain accuracy when the batch holds no dataset of that IAM's task), and
+    one such rank must not turn the mean of the others into NaN.  A value
+    that is NaN everywhere stays NaN."""
     names = sorted(window)
-    local = torch.tensor([sum(window[n]) / len(window[n]) for n in names], dtype=torch.float64,
-                         device=accelerator.device)
-    mean = accelerator.reduce(local, reduction="mean") if accelerator.num_processes > 1 else local
+    sums = [sum(v for v in window[n] if not math.isnan(v)) for n in names]
+    counts = [sum(1 for v in window[n] if not math.isnan(v)) for n in names]
+    local = torch.tensor([sums, counts], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+    mean = total[0] / total[1]          # 0 / 0 -> NaN when no rank had a value
     return {n: float(v) for n, v in zip(names, mean.tolist())}
 
 
