@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 
-from ..imageio import header_size
+from ..imageio import ImageError, header_size
 from ..record import Fix, ImageRef, ParseItem, Record, Skip, box_is_degenerate, clip_box, safe_key
 
 NAME = "crowdhuman"
@@ -67,9 +67,6 @@ def index_images(root: Path) -> dict[str, Path]:
             if suffix.lower() in IMAGE_SUFFIXES:
                 index.setdefault(stem, Path(dirpath) / name)
     return index
-
-
-read_image_size = header_size  # (width, height) from the header; raises ImageError
 
 
 def _xywh_to_xyxy(raw) -> list[float] | None:
@@ -193,8 +190,8 @@ def _record_items(root: Path, index, key, source, entry, box, split) -> Iterator
         yield Skip(NAME, split, "missing_file", source, f"no Images/{entry['ID']}.jpg")
         return
     try:
-        width, height = read_image_size(path)
-    except Exception as e:  # PIL raises several types for unreadable headers
+        width, height = header_size(path)
+    except ImageError as e:
         yield Skip(NAME, split, "corrupt_image", str(path.relative_to(root)), str(e))
         return
     persons, ignore, notes = _boxes_of(entry, box, width, height, split, source)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 
-from ..imageio import header_size
+from ..imageio import ImageError, header_size
 from ..record import ImageRef, ParseItem, Record, Skip, safe_key
 
 NAME = "market1501"
@@ -69,9 +69,6 @@ def parse_name(name: str) -> tuple[int, int] | None:
         return None
 
 
-read_image_size = header_size  # (width, height) from the header; raises ImageError
-
-
 def _crop_items(root: Path, path: Path, split: str) -> Iterator[ParseItem]:
     source = str(path.relative_to(root))
     parsed = parse_name(path.name)
@@ -83,8 +80,8 @@ def _crop_items(root: Path, path: Path, split: str) -> Iterator[ParseItem]:
         yield Skip(NAME, split, "junk_id", source, f"pid {pid}")
         return
     try:
-        width, height = read_image_size(path)
-    except Exception as e:  # PIL raises several types for unreadable headers
+        width, height = header_size(path)
+    except ImageError as e:
         yield Skip(NAME, split, "corrupt_image", source, str(e))
         return
     yield Record(

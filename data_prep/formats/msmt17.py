@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 
-from ..imageio import header_size
+from ..imageio import ImageError, header_size
 from ..record import ImageRef, ParseItem, Record, Skip, safe_key
 
 NAME = "msmt17"
@@ -106,9 +106,6 @@ def camera_of(filename: str) -> int | None:
     return int(fields[2])
 
 
-read_image_size = header_size  # (width, height) from the header; raises ImageError
-
-
 def _read_list(path: Path) -> Iterator[tuple[int, str]]:
     # newline="" keeps '\r' visible to strip(), so CRLF files parse like LF ones
     with open(path, encoding="utf-8", newline="") as f:
@@ -133,8 +130,8 @@ def _entry_item(release: Release, root: Path, split: str, source: str, line: str
     if not path.is_file():
         return Skip(NAME, split, "missing_file", source, rel_root)
     try:
-        width, height = read_image_size(path)
-    except Exception as e:  # PIL raises several types for unreadable headers
+        width, height = header_size(path)
+    except ImageError as e:
         return Skip(NAME, split, "corrupt_image", rel_root, str(e))
     return Record(
         dataset=NAME, split=split, key=safe_key(Path(filename).stem), image=ImageRef("file", str(path)),
