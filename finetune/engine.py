@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader
 from finetune.config import FinetuneTrainConfig
 from finetune.datasets import ImageListDataset, PersonSearchDataset, collate, read_image
 from finetune.evaluate import Detections, SearchInputs, box_iou_matrix
+from pretrain.losses.oim import init_sync_group
+from pretrain.optim import param_groups
 
 
 class TrainError(RuntimeError):
@@ -29,15 +31,9 @@ class TrainError(RuntimeError):
 # --------------------------------------------------------------------------- optimisation
 def build_optimizer(model: torch.nn.Module, t: FinetuneTrainConfig) -> torch.optim.Optimizer:
     """SGD over trainable parameters; biases without weight decay unless
-    ``decay_bias`` (NAE4PS's default)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if name.endswith(".bias") and not t.decay_bias else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    ``decay_bias`` (NAE4PS's default).  Norm layers' affine parameters are decayed here as in
+    NAE4PS, so fine-tuning numbers stay comparable with the published ones."""
+    groups = param_groups(model, t.weight_decay, decay_bias=t.decay_bias, decay_norm=True)
     return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
 
 
@@ -84,6 +80,7 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
                         persistent_workers=t.num_workers > 0)
     optimizer = build_optimizer(model, t)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    init_sync_group()     # the OIM table sync's own process group: a collective, so at setup
     iters_per_epoch = len(loader)
     if iters_per_epoch == 0:
         raise TrainError("the training loader is empty")

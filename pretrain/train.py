@@ -35,6 +35,9 @@ from pretrain.config import PretrainConfig, dump_config, to_dict
 from pretrain.data import PretrainLoader, ShardSource, open_source
 from pretrain.export import export_run
 from pretrain.hybrid import HybridModel
+from pretrain.losses.oim import init_sync_group
+from pretrain.model.norm import convert_sync_batchnorm
+from pretrain.optim import param_groups
 
 
 class TrainError(RuntimeError):
@@ -82,9 +85,8 @@ def resolve_for_data(cfg: PretrainConfig, source: ShardSource) -> PretrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
-    """NAE-style SGD over the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    """NAE-style SGD over the trainable parameters; biases and norm parameters undecayed."""
+    return torch.optim.SGD(param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum)
 
 
 def lr_factor(step: int, t) -> float:
@@ -195,10 +197,11 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
     cfg = resolve_for_data(cfg, source)
     model = HybridModel(cfg.model, cfg.hybrid)
     if accelerator.num_processes > 1 and (t.sync_bn or cfg.model.norm_layer == "syncbn"):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    init_sync_group()     # the OIM table sync's own process group: a collective, so at setup
 
     loader = PretrainLoader(source, cfg.data, ViewParams.from_config(cfg.data, cfg.model), t.seed,
                             accelerator.process_index, accelerator.num_processes)

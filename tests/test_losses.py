@@ -150,6 +150,18 @@ def _oim_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
+    from pretrain.losses import oim as oim_module
+    # before setup the sync must refuse (a group made inside backward could deadlock)
+    try:
+        oim_module.sync_group()
+        refused = False
+    except RuntimeError:
+        refused = True
+    oim_module.init_sync_group()
+    # from here on no group may be created (in particular not inside backward)
+    created = []
+    real_new_group = dist.new_group
+    dist.new_group = lambda *a, **k: created.append(1) or real_new_group(*a, **k)
     oim = OIMLoss(dim=4, num_pids=6, cq_size=3)
     losses = []
     for step in range(2):
@@ -168,7 +180,9 @@ def _oim_worker(rank: int, port: int, out_dir: str) -> None:
         opt.zero_grad()
         ddp(x, labels).backward()
         opt.step()
-    torch.save({"world": dist.get_world_size(), "lut": oim.lut, "cq": oim.cq, "header": oim.header_cq,
+    dist.new_group = real_new_group
+    torch.save({"world": dist.get_world_size(), "refused_before_setup": refused, "groups_after_setup": len(created),
+                "lut": oim.lut, "cq": oim.cq, "header": oim.header_cq,
                 "losses": losses, "ddp_lut": tiny.oim.lut, "ddp_weight": tiny.proj.weight.detach()},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -180,6 +194,8 @@ def test_oim_tables_identical_across_two_processes(tmp_path):
     mp.start_processes(_oim_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
+    assert r0["refused_before_setup"] and r1["refused_before_setup"]
+    assert r0["groups_after_setup"] == r1["groups_after_setup"] == 0
     assert torch.equal(r0["lut"], r1["lut"]) and torch.equal(r0["cq"], r1["cq"])
     assert int(r0["header"]) == int(r1["header"])
     assert torch.equal(r0["ddp_lut"], r1["ddp_lut"]) and torch.equal(r0["ddp_weight"], r1["ddp_weight"])

@@ -81,6 +81,7 @@ def _check_train_eval(cfg: ModelConfig) -> None:
     torch.manual_seed(0)
     model = build_search_model(cfg)
     images, targets = tiny_batch()
+    targets[0]["need_emb"] = torch.tensor([True, True])     # GT embeddings are made only for flagged boxes
     losses, feats = model(images, targets, return_features=True)
     assert set(losses) == LOSS_KEYS and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -212,6 +213,8 @@ def test_gt_embeddings_match_a_direct_computation():
     images, targets = tiny_batch()
     targets[1] = {"boxes": torch.tensor([[5.0, 5.0, 30.0, 70.0], [50.0, 10.0, 80.0, 75.0], [90.0, 0.0, 118.0, 60.0]]),
                   "pids": torch.tensor([0, 1, -1])}
+    for t in targets:
+        t["need_emb"] = torch.ones(t["boxes"].shape[0], dtype=torch.bool)
     _, feats = model(images, targets, return_features=True)
     with torch.no_grad():
         image_list, scaled, _ = model._prepare(images, targets)

@@ -1,10 +1,19 @@
 """Intra-task alignment module (IAM, paper Fig. 4 / Eq. 7) and the optional inter-task alignment.
 
-Domain classifiers sit behind a gradient reversal layer: they learn to tell the datasets
-(domains) apart while the reversed gradient pushes the person-search features to be
-domain-invariant.  The consistency regulariser follows Domain Adaptive Faster R-CNN: the
-image-level domain probability (mean over spatial positions) should agree with the
-instance-level domain probability of every instance of that image.
+Follows Domain Adaptive Faster R-CNN (Chen et al. 2018; the reference implementation's
+``DomainAdaptationModule``), which the paper cites for the module and its consistency term:
+
+* the domain classifiers sit behind a gradient reversal layer (GRL): they learn to tell the
+  datasets (domains) apart at full rate while the person-search features receive the
+  reversed gradient scaled by ``grl_coef`` (reference: 0.1), pushing them towards
+  domain-invariance.  The loss weight (``lambda``) and the reversal coefficient are separate
+  knobs: the reference uses loss weight 1.0 and coefficient 0.1;
+* the image-level loss is a cross entropy at *every position* of the image-level map,
+  averaged over the positions that hold image content (never batch padding);
+* the consistency regulariser compares the image-level domain probability (mean over the
+  valid positions) with each instance's domain probability.  It runs through a second,
+  **non-reversing** path (gradient scaled by ``+grl_coef``), so the backbone is pushed to make
+  the two levels *agree*; behind the GRL it would be pushed to make them disagree.
 """
 from __future__ import annotations
 
@@ -27,6 +36,11 @@ class _GradReverse(torch.autograd.Function):
 def grad_reverse(x: torch.Tensor, coef: float = 1.0) -> torch.Tensor:
     """Identity forward; backward multiplies the gradient by -coef."""
     return _GradReverse.apply(x, coef)
+
+
+def grad_scale(x: torch.Tensor, coef: float = 1.0) -> torch.Tensor:
+    """Identity forward; backward multiplies the gradient by +coef (the consistency path)."""
+    return _GradReverse.apply(x, -coef)
 
 
 class GradientReversal(nn.Module):
@@ -72,24 +86,47 @@ class InstanceDomainClassifier(nn.Module):
         return self.ins_head(self.fcs(x))
 
 
-def domain_ce(logits: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
-    """Multi-class domain cross entropy; [N,K] or per-position [N,K,h,w] logits (pooled first)."""
-    if logits.dim() == 4:
-        logits = logits.mean(dim=(2, 3))
+def _full_mask(logits: torch.Tensor) -> torch.Tensor:
+    n, _, h, w = logits.shape
+    return torch.ones((n, h, w), dtype=torch.bool, device=logits.device)
+
+
+def domain_ce(logits: torch.Tensor, domains: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-class domain cross entropy.
+
+    [N,K] logits: one term per row.  [N,K,h,w] logits: one term per position, averaged over
+    the positions where ``mask`` [N,h,w] is True (all positions when None), as the reference
+    image-level loss does.
+    """
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits, domains)
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, domains)
+    mask = _full_mask(logits) if mask is None else mask
+    target = domains[:, None, None].expand(-1, logits.shape[2], logits.shape[3])
+    per_pos = F.cross_entropy(logits, target, reduction="none")
+    valid = mask.to(per_pos.dtype)
+    return (per_pos * valid).sum() / valid.sum().clamp(min=1.0)
 
 
-def consistency_loss(img_logits: torch.Tensor, ins_logits: torch.Tensor, ins_img_idx: torch.Tensor) -> torch.Tensor:
+def masked_mean_prob(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[N,K,h,w] logits -> [N,K] mean of the per-position softmax over the valid positions."""
+    mask = _full_mask(logits) if mask is None else mask
+    valid = mask[:, None].to(logits.dtype)
+    prob = F.softmax(logits, dim=1) * valid
+    return prob.sum(dim=(2, 3)) / valid.sum(dim=(2, 3)).clamp(min=1.0)
+
+
+def consistency_loss(img_logits: torch.Tensor, ins_logits: torch.Tensor, ins_img_idx: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean L2 distance between each instance's domain probabilities and its image's.
 
-    The image probability is the mean over spatial positions of the per-position softmax.
-    Zero when both levels agree.
+    The image probability is the mean over the valid spatial positions of the per-position
+    softmax.  Zero when both levels agree.
     """
     if ins_logits.shape[0] == 0:
         return img_logits.sum() * 0.0 + ins_logits.sum() * 0.0
-    p_img = F.softmax(img_logits, dim=1).mean(dim=(2, 3))
+    p_img = masked_mean_prob(img_logits, mask)
     p_ins = F.softmax(ins_logits, dim=1)
     diff = p_img[ins_img_idx] - p_ins
     # sqrt(x + eps) keeps the gradient finite where the two levels already agree exactly;
@@ -99,10 +136,11 @@ def consistency_loss(img_logits: torch.Tensor, ins_logits: torch.Tensor, ins_img
 
 
 @torch.no_grad()
-def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Share of rows whose arg-max equals the target (NaN for no rows)."""
+def accuracy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Share of rows whose arg-max equals the target (NaN for no rows); [N,K,h,w] logits are
+    judged by their mean probability over the valid positions."""
     if logits.dim() == 4:
-        logits = logits.mean(dim=(2, 3))
+        logits = masked_mean_prob(logits, mask)
     if logits.shape[0] == 0:
         return torch.tensor(float("nan"), device=logits.device)
     return (logits.argmax(dim=1) == target).float().mean()
@@ -111,12 +149,13 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class IntraTaskAlignment(nn.Module):
     """One IAM: image-level + instance-level domain classifiers behind a GRL, plus consistency.
 
-    ``forward(img_feat [N,C,h,w], img_domains [N], ins_feat [R,D], ins_img_idx [R])`` where
-    ``ins_img_idx`` says which image-level row each instance belongs to.  Returns
+    ``forward(img_feat [N,C,h,w], img_domains [N], ins_feat [R,D], ins_img_idx [R], img_mask)``
+    where ``ins_img_idx`` says which image-level row each instance belongs to and ``img_mask``
+    [N,h,w] (optional) marks the positions holding image content.  Returns
     {loss_img, loss_ins, loss_cst, acc_img, acc_ins} (accuracies are detached monitors).
     """
 
-    def __init__(self, img_channels: int, ins_dim: int, num_domains: int, grl_coef: float = 1.0,
+    def __init__(self, img_channels: int, ins_dim: int, num_domains: int, grl_coef: float = 0.1,
                  img_hidden: int = 256, ins_hidden: int = 256) -> None:
         super().__init__()
         if num_domains < 2:
@@ -126,15 +165,20 @@ class IntraTaskAlignment(nn.Module):
         self.ins_cls = InstanceDomainClassifier(ins_dim, num_domains, ins_hidden)
 
     def forward(self, img_feat: torch.Tensor, img_domains: torch.Tensor, ins_feat: torch.Tensor,
-                ins_img_idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        img_logits = self.img_cls(self.grl(img_feat))
-        ins_logits = self.ins_cls(self.grl(ins_feat))
+                ins_img_idx: torch.Tensor, img_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        coef = self.grl.coef
+        img_logits = self.img_cls(grad_reverse(img_feat, coef))
+        ins_logits = self.ins_cls(grad_reverse(ins_feat, coef))
+        # The consistency term gets its own forward through the same classifiers on a
+        # non-reversing path: the features are pulled to make both levels agree.
+        img_cst = self.img_cls(grad_scale(img_feat, coef))
+        ins_cst = self.ins_cls(grad_scale(ins_feat, coef))
         ins_domains = img_domains[ins_img_idx]
         return {
-            "loss_img": domain_ce(img_logits, img_domains),
+            "loss_img": domain_ce(img_logits, img_domains, img_mask),
             "loss_ins": domain_ce(ins_logits, ins_domains),
-            "loss_cst": consistency_loss(img_logits, ins_logits, ins_img_idx),
-            "acc_img": accuracy(img_logits, img_domains),
+            "loss_cst": consistency_loss(img_cst, ins_cst, ins_img_idx, img_mask),
+            "acc_img": accuracy(img_logits, img_domains, img_mask),
             "acc_ins": accuracy(ins_logits, ins_domains),
         }
 
@@ -149,7 +193,7 @@ class InterTaskAlignment(nn.Module):
     two tasks' features towards one distribution.  The two classes are weighted equally.
     """
 
-    def __init__(self, channels: int, grl_coef: float = 1.0, hidden: int = 256) -> None:
+    def __init__(self, channels: int, grl_coef: float = 0.1, hidden: int = 256) -> None:
         super().__init__()
         self.grl = GradientReversal(grl_coef)
         self.task_cls = ImageDomainClassifier(channels, 2, hidden)

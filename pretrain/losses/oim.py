@@ -32,18 +32,33 @@ def _world_size() -> int:
 _SYNC: dict[str, object] = {"world": None, "group": None}
 
 
-def sync_group():
-    """A process group of our own for the table sync (None when not distributed).
+def init_sync_group() -> None:
+    """Create the process group of the table sync; call once at setup on every rank.
 
-    The gathers run inside autograd's backward while DDP all-reduces gradient buckets on the
-    default group; the relative order of the two streams of collectives may differ between
-    ranks (data-dependent graphs), which on one shared communicator could deadlock.  Cached per
-    default group, so a re-initialised process group gets a fresh one.
+    ``dist.new_group`` is a collective: every rank must call it at the same point of the
+    program.  Inside backward (where the update runs) ranks reach it in a data-dependent
+    order, so it is created here, at setup, and :func:`sync_group` only looks it up.
+    Re-creates the group when the default group changed (a re-initialised process group).
+    """
+    if _world_size() == 1:
+        return
+    if _SYNC["world"] is not dist.group.WORLD:
+        _SYNC.update(world=dist.group.WORLD, group=dist.new_group())
+
+
+def sync_group():
+    """The process group of the table sync (None when not distributed).
+
+    A group of our own: the gathers run inside autograd's backward while DDP all-reduces
+    gradient buckets on the default group; the relative order of the two streams of
+    collectives may differ between ranks (data-dependent graphs), which on one shared
+    communicator could deadlock.  Raises when :func:`init_sync_group` was not called.
     """
     if _world_size() == 1:
         return None
     if _SYNC["world"] is not dist.group.WORLD:
-        _SYNC.update(world=dist.group.WORLD, group=dist.new_group())
+        raise RuntimeError("OIM: call pretrain.losses.oim.init_sync_group() on every rank at setup "
+                           "(after the process group is initialised, before the first step)")
     return _SYNC["group"]
 
 
@@ -157,8 +172,15 @@ class OIMLoss(nn.Module):
         return out
 
     # ------------------------------------------------------------------ loss
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross entropy over samples with label >= 0; returns a graph-connected 0 if none."""
+    def forward(self, x: torch.Tensor, labels: torch.Tensor,
+                positive: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Mean cross entropy over samples with label >= 0; returns a graph-connected 0 if none.
+
+        ``positive`` = (vectors [B,D], mask [B] bool), optional: for the rows in ``mask`` the
+        logit of the row's own identity uses the given vector (detached, normalised) instead
+        of its LUT row -- the two-view positive of the hybrid objective for pseudo-identities
+        whose row is empty or one epoch stale.  The tables are not changed by it.
+        """
         if x.dim() != 2 or x.shape[1] != self.dim or labels.shape != (x.shape[0],):
             raise ValueError(f"OIM expects x [B,{self.dim}] and labels [B], got {tuple(x.shape)} "
                              f"and {tuple(labels.shape)}")
@@ -166,10 +188,19 @@ class OIMLoss(nn.Module):
         if labels.numel() and (int(labels.max()) >= self.num_pids or int(labels.min()) < -1):
             raise ValueError(f"OIM labels must lie in [-1, {self.num_pids - 1}] (num_pids={self.num_pids}), "
                              f"got min {int(labels.min())} max {int(labels.max())}")
-        logits = _Match.apply(x, labels, self) * self.scalar     # [n_labelled, N+Q]
+        logits = _Match.apply(x, labels, self)     # [n_labelled, N+Q] cosine similarities
         if logits.shape[0] == 0:
             return logits.sum() * 0.0
-        return F.cross_entropy(logits, labels[labels >= 0])
+        known = labels >= 0
+        if positive is not None:
+            vectors, mask = positive
+            sel = mask.to(x.device).bool()[known]
+            if bool(sel.any()):
+                rows = torch.nonzero(sel, as_tuple=True)[0]
+                target = F.normalize(vectors[known][rows].detach().float(), dim=1)
+                values = (x[known][rows].float() * target).sum(dim=1).to(logits.dtype)
+                logits = logits.index_put((rows, labels[known][rows]), values)
+        return F.cross_entropy(logits * self.scalar, labels[known])
 
     # ------------------------------------------------------------------ table update
     @torch.no_grad()

@@ -16,7 +16,16 @@ class PredictionMLP(nn.Module):
         self.layer2 = nn.Linear(hidden, dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.layer2(self.layer1(z))
+        """Always runs, whatever the number of rows, so with SyncBatchNorm every rank joins the
+        same collectives every step.  A plain BatchNorm cannot form batch statistics from fewer
+        than two rows; such a call normalises with the running statistics instead."""
+        linear, bn, relu = self.layer1
+        h = linear(z)
+        if bn.training and h.shape[0] < 2 and not isinstance(bn, nn.SyncBatchNorm):
+            h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        else:
+            h = bn(h)
+        return self.layer2(relu(h))
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

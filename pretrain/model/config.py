@@ -47,6 +47,7 @@ class ModelConfig:
     roi_sampling_ratio: int = 2
     ignore_ioa: float = 0.5               # non-fg anchor/proposal inside an ignore region -> ignored
     box_coder_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])
+    box_loss_beta: float = 1.0            # smooth-L1 beta of the box head (NAE/SeqNet: 1.0; torchvision: 1/9)
     # re-ID
     emb_dim: int = 256
     num_pids: int = 5532
@@ -82,6 +83,8 @@ class ModelConfig:
             raise ValueError(f"need 0 <= rpn_bg_iou <= rpn_fg_iou <= 1, got {self.rpn_bg_iou}/{self.rpn_fg_iou}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or len(self.box_coder_weights) != 4:
             raise ValueError("model.image_mean/image_std take 3 values, model.box_coder_weights 4")
+        if not self.box_loss_beta > 0:
+            raise ValueError(f"model.box_loss_beta must be > 0, got {self.box_loss_beta}")
         if self.min_size < 1 or self.max_size < self.min_size:
             raise ValueError(f"need 1 <= min_size <= max_size, got {self.min_size}/{self.max_size}")
 

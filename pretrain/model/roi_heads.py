@@ -8,6 +8,8 @@ Proposal labels (internal; NAE4PS uses bg 0 / ignored -1 / pid+1 / 5555 instead)
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,26 +24,21 @@ from pretrain.model.embedding import BNBoxRegressor, NormAwareEmbedding, max_poo
 FEATURE = "feat_res4"
 
 
-class _RowLayout:
-    """Row bookkeeping of a RoI batch laid out per image as [sampled_i; extra GT boxes_i]."""
+@contextmanager
+def batchnorm_eval(*modules: nn.Module):
+    """Temporarily run every BatchNorm of ``modules`` on its running statistics.
 
-    def __init__(self, counts: list[int], extra: list[int], device: torch.device) -> None:
-        starts = torch.tensor([0] + [c + e for c, e in zip(counts, extra)], device=device).cumsum(0)
-        self.starts, self.counts = starts, counts
-        # Without extra rows the sampled rows are all rows: a slice avoids copying the RoI maps.
-        self.sampled = slice(None) if not any(extra) else torch.cat(
-            [torch.arange(c, device=device) + starts[i] for i, c in enumerate(counts)])
-        self.batch_idx = torch.cat([torch.full((c,), i, dtype=torch.long, device=device)
-                                    for i, c in enumerate(counts)])
-
-    def gt_index(self, image: int, rows: torch.Tensor) -> torch.Tensor:
-        """Rows of image ``image``'s GT boxes: their sampled row if any, else their extra row."""
-        index = torch.empty_like(rows)
-        missing = rows < 0
-        base = self.starts[image]
-        index[~missing] = rows[~missing] + base
-        index[missing] = torch.arange(int(missing.sum()), device=rows.device) + base + self.counts[image]
-        return index
+    Used for the extra ground-truth rows that L_con needs: they go through the RoI head but
+    must not enter the batch statistics (fine-tuning never sees such rows)."""
+    bns = [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [m.training for m in bns]
+    try:
+        for m in bns:
+            m.train(False)
+        yield
+    finally:
+        for m, mode in zip(bns, modes):
+            m.train(mode)
 
 
 class NAERoIHeads(nn.Module):
@@ -59,6 +56,7 @@ class NAERoIHeads(nn.Module):
         self.sampler = det_utils.BalancedPositiveNegativeSampler(cfg.roi_batch_size, cfg.roi_pos_fraction)
         self.box_coder = det_utils.BoxCoder(tuple(cfg.box_coder_weights))
         self.ignore_ioa = cfg.ignore_ioa
+        self.box_loss_beta = cfg.box_loss_beta
         self.score_thresh, self.nms_thresh = cfg.score_thresh, cfg.nms_thresh
         self.detections_per_img = cfg.detections_per_img
 
@@ -124,56 +122,77 @@ class NAERoIHeads(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]], targets: list[dict[str, torch.Tensor]] | None = None,
-                return_features: bool = False):
-        """Training: (losses, feats or None). Eval: list of {boxes, scores, embeddings}."""
+                return_features: bool = False, defer_reid: bool = False):
+        """Training: (losses, feats or None); ``defer_reid`` leaves OIM to the caller (the hybrid
+        objective adds the two-view positive).  Eval: list of {boxes, scores, embeddings}."""
         if self.training:
             if targets is None:
                 raise ValueError("NAERoIHeads needs targets in training mode")
-            return self._train_forward(features, proposals, image_shapes, targets, return_features)
+            return self._train_forward(features, proposals, image_shapes, targets, return_features, defer_reid)
         return self._detect(features, proposals, image_shapes)
 
-    def _train_forward(self, features, proposals, image_shapes, targets, return_features):
+    def _train_forward(self, features, proposals, image_shapes, targets, return_features, defer_reid=False):
         s = self.sample([p.detach() for p in proposals], targets)
-        counts = [b.shape[0] for b in s["boxes"]]
-        # The hybrid objective also needs every GT box's embedding. GT boxes that were sampled
-        # (they are appended to the proposals) reuse their row; the others ride along in the
-        # same pass (one res5 run, one BN batch) and are split off before any loss.
-        if return_features:
-            extra = [t["boxes"][rows < 0].to(b) for t, rows, b in zip(targets, s["gt_rows"], s["boxes"])]
-        else:
-            extra = [b[:0] for b in s["boxes"]]
-        layout = _RowLayout(counts, [e.shape[0] for e in extra], s["boxes"][0].device)
-        f = self.roi_features(features, [torch.cat([b, e]) for b, e in zip(s["boxes"], extra)], image_shapes)
+        f = self.roi_features(features, s["boxes"], image_shapes)
         raw = self.embedding_head.project(f)
         deltas = self.box_predictor(f["feat_res5"])
-        sampled = layout.sampled
-        emb, logits = self.embedding_head.split(raw[sampled])
+        emb, logits = self.embedding_head.split(raw)
         det = torch.cat(s["det"])
         pids = torch.cat(s["pids"])
         fg = det > 0
         losses = {
-            "loss_box_reg": self._box_loss(deltas[sampled], torch.cat(s["reg_targets"]), fg),
+            "loss_box_reg": self._box_loss(deltas, torch.cat(s["reg_targets"]), fg, self.box_loss_beta),
             "loss_det_cls": F.binary_cross_entropy_with_logits(logits, fg.float()) if det.numel()
             else logits.sum() * 0.0,
-            "loss_reid": self.reid_loss(emb[fg], pids[fg]),
         }
+        if not defer_reid:
+            losses["loss_reid"] = self.reid_loss(emb[fg], pids[fg])
         if not return_features:
             return losses, None
+        counts = [b.shape[0] for b in s["boxes"]]
+        starts = [0] + torch.tensor(counts).cumsum(0).tolist()[:-1]
         feats = {
-            "roi_maps": f["roi_maps"][sampled],
-            "box_vecs": f["feat_res5"][sampled].flatten(1),
+            "roi_maps": f["roi_maps"],
+            "box_vecs": f["feat_res5"].flatten(1),
             "reid_emb": emb,
-            "roi_batch_idx": layout.batch_idx,
-            "gt_emb_raw": [raw[layout.gt_index(i, rows)] for i, rows in enumerate(s["gt_rows"])],
+            "reid_pids": pids,
+            "roi_fg": fg,
+            "roi_batch_idx": torch.cat([torch.full((c,), i, dtype=torch.long, device=emb.device)
+                                        for i, c in enumerate(counts)]),
+            "gt_emb_raw": self._gt_embeddings(features, image_shapes, targets, s["gt_rows"], raw, starts),
         }
         return losses, feats
 
+    def _gt_embeddings(self, features, image_shapes, targets, gt_rows, raw, starts) -> list[torch.Tensor]:
+        """Un-normalised embeddings of the GT boxes flagged ``need_emb`` (in box order).
+
+        A flagged box that was sampled reuses its row; the others ride in a second, small pass
+        whose BatchNorms use their running statistics, so these rows never shape the batch
+        statistics that fine-tuning would not see."""
+        need = [t.get("need_emb", torch.zeros(t["boxes"].shape[0], dtype=torch.bool)).to(r.device).bool()
+                for t, r in zip(targets, gt_rows)]
+        extra = [t["boxes"][n & (r < 0)].to(raw) for t, n, r in zip(targets, need, gt_rows)]
+        raw_extra = raw[:0]
+        if sum(e.shape[0] for e in extra):
+            with batchnorm_eval(self.box_head, self.embedding_head):
+                raw_extra = self.embedding_head.project(self.roi_features(features, extra, image_shapes))
+        out, offset = [], 0
+        for n, r, start, e in zip(need, gt_rows, starts, extra):
+            rows = r[n]
+            rows_raw = raw.new_zeros((rows.shape[0], raw.shape[1]))
+            sampled = rows >= 0
+            rows_raw[sampled] = raw[rows[sampled] + start]
+            rows_raw[~sampled] = raw_extra[offset: offset + e.shape[0]]
+            offset += e.shape[0]
+            out.append(rows_raw)
+        return out
+
     @staticmethod
-    def _box_loss(deltas: torch.Tensor, reg_targets: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
-        """torchvision's Fast R-CNN box loss: smooth L1 (beta 1/9) over fg, / all sampled."""
+    def _box_loss(deltas: torch.Tensor, reg_targets: torch.Tensor, fg: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+        """Fast R-CNN box loss as NAE/SeqNet: smooth L1 (beta 1.0) summed over fg, / all sampled."""
         if deltas.shape[0] == 0:
             return deltas.sum() * 0.0
-        loss = F.smooth_l1_loss(deltas[fg], reg_targets[fg], beta=1 / 9, reduction="sum")
+        loss = F.smooth_l1_loss(deltas[fg], reg_targets[fg], beta=beta, reduction="sum")
         return loss / deltas.shape[0]
 
     def _detect(self, features, proposals, image_shapes) -> list[dict[str, torch.Tensor]]:

@@ -90,7 +90,7 @@ class SearchModel(nn.Module):
         return image_list, new_targets, original_sizes
 
     def forward(self, images: list[torch.Tensor], targets: list[Target] | None = None,
-                return_features: bool = False):
+                return_features: bool = False, defer_reid: bool = False):
         _check_inputs(images, targets if self.training else None)
         if self.training and targets is None:
             raise ValueError("targets are required in training mode")
@@ -102,12 +102,14 @@ class SearchModel(nn.Module):
             detections = self.roi_heads(features, proposals, image_list.image_sizes)
             return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
         roi_losses, feats = self.roi_heads(features, proposals, image_list.image_sizes, targets,
-                                           return_features=return_features)
+                                           return_features=return_features, defer_reid=defer_reid)
         losses = {"loss_rpn_cls": rpn_losses["loss_objectness"], "loss_rpn_reg": rpn_losses["loss_rpn_box_reg"],
                   **roi_losses}
         if not return_features:
             return losses
         feats["img_feat"] = c4
+        feats["image_sizes"] = list(image_list.image_sizes)      # content (h, w) of each padded image
+        feats["padded_size"] = tuple(image_list.tensors.shape[-2:])
         return losses, feats
 
     def extract_query(self, images: list[torch.Tensor], boxes_list: list[torch.Tensor]) -> list[torch.Tensor]:
