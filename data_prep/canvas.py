@@ -5,12 +5,12 @@ Tab. 4) places each crop on a larger canvas so the detector sees the person
 at many scales:
 
 * :func:`expand_resize` (the paper's choice) -- the crop sits at a random
-  position on a canvas whose sides are a random multiple ``r`` of the crop's
-  sides, and that canvas is resized to a fixed output size.  ``r`` is drawn
-  **per axis independently** from ``ratio_range``: a person then shows up
-  with slightly different aspect ratios as well as scales, which is the
-  augmentation the paper describes ("canvas of different ratios of the
-  original image").  Pass ``same_ratio=True`` for one ratio on both axes.
+  position on a canvas whose sides are a random multiple ``r ~ U(ratio_range)``
+  of the crop's sides ("canvas of different ratios of the original image"),
+  letterboxed to the output's aspect and resized to the fixed output size.
+  One ratio serves both axes and the resize is uniform, so **the person keeps
+  its aspect ratio** (a stretched person would teach the detector shapes it
+  never meets); only its scale and position change.
 * :func:`random_paste` (the ablation) -- the crop, scaled by a random factor
   from ``scale_range`` and shrunk further if it still does not fit, is pasted
   at a random position on a fixed-size canvas; no stretching.
@@ -100,7 +100,6 @@ def plan_expand_resize(
     out_size: Sequence[int] = (256, 512),
     ratio_range: Sequence[float] = (1.0, 3.0),
     fill: str = "mean",
-    same_ratio: bool = False,
 ) -> Placement:
     """Draw an expand_resize placement (see the module docstring)."""
     (sw, sh), (ow, oh) = _check_sizes(src_size, out_size)
@@ -109,15 +108,16 @@ def plan_expand_resize(
         raise ValueError(f"ratio_range must satisfy 1 <= lo <= hi, got {tuple(ratio_range)}")
     _check_fill(fill)
     rng = _as_rng(rng)
-    rx = float(rng.uniform(lo, hi))
-    ry = rx if same_ratio else float(rng.uniform(lo, hi))
-    # The canvas is (sw*rx, sh*ry) and gets resized to (ow, oh); instead of
-    # building it we place the crop directly in output pixels.
-    cw, ch = ow / rx, oh / ry                    # crop size on the output
+    r = float(rng.uniform(lo, hi))
+    # The canvas is (sw*r, sh*r), letterboxed to the output aspect and resized uniformly;
+    # instead of building it we place the crop directly in output pixels: one scale for
+    # both axes, set by the axis that limits.
+    scale = min(ow / (r * sw), oh / (r * sh))
+    cw, ch = sw * scale, sh * scale
     x0 = float(rng.uniform(0.0, ow - cw))
     y0 = float(rng.uniform(0.0, oh - ch))
     region = _snap(x0, y0, x0 + cw, y0 + ch, ow, oh)
-    return Placement("expand_resize", (sw, sh), (ow, oh), region, ratio=(rx, ry), fill=fill)
+    return Placement("expand_resize", (sw, sh), (ow, oh), region, ratio=(r, r), fill=fill)
 
 
 def plan_random_paste(
@@ -194,11 +194,10 @@ def expand_resize(
     out_size: Sequence[int] = (256, 512),
     ratio_range: Sequence[float] = (1.0, 3.0),
     fill: str = "mean",
-    same_ratio: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The paper's expand_resize: crop on a canvas ``r`` times its size
-    (``r ~ U(ratio_range)`` per axis), resized to ``out_size`` (W, H)."""
-    p = plan_expand_resize((img.shape[1], img.shape[0]), rng, out_size, ratio_range, fill, same_ratio)
+    (``r ~ U(ratio_range)``), letterboxed and resized to ``out_size`` (W, H), aspect kept."""
+    p = plan_expand_resize((img.shape[1], img.shape[0]), rng, out_size, ratio_range, fill)
     return apply_placement(img, boxes, p)
 
 

@@ -109,7 +109,7 @@ def cmd_synth(args) -> int:
     t0 = time.perf_counter()
     try:
         truths = write_world(args.out_dir, seed=args.seed, size=args.size, only=only,
-                             warn=lambda m: print(m, file=sys.stderr))
+                             warn=lambda m: print(m, file=sys.stderr), domain_gap=args.domain_gap)
     except SynthError as e:
         if e.__cause__ is None:
             raise UsageError(str(e)) from None
@@ -220,7 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synth", help="write synthetic copies of the datasets in their release layouts")
     s.add_argument("out_dir", metavar="OUT_DIR")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", choices=("tiny", "small"), default="tiny")
+    s.add_argument("--size", choices=("tiny", "small", "bench"), default="tiny",
+                   help="bench = small with a larger PRW test split (>= 100 queries)")
+    s.add_argument("--domain-gap", type=float, default=1.0, metavar="G",
+                   help="how far each dataset's style lies from the PRW (target) style: 0 none, "
+                        "1 the built-in styles (default), >1 exaggerated")
     s.add_argument("--only", metavar="NAME,...", help=f"subset of: {','.join(FORMATS)}")
     s.set_defaults(func=cmd_synth)
 

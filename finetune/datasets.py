@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
 
 from data_prep.formats import get_format
 from data_prep.imageio import ImageError, decode_rgb, load_encoded
@@ -133,13 +135,16 @@ def read_image(ref: ImageRef) -> torch.Tensor:
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
 
 
-def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror an image and its xyxy boxes."""
-    width = image.shape[-1]
-    flipped = boxes.clone()
-    flipped[:, 0] = width - boxes[:, 2]
-    flipped[:, 2] = width - boxes[:, 0]
-    return image.flip(-1), flipped
+def hflip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mirror an image and every box field of its target (``boxes`` and ``ignore`` regions)
+    with torchvision's transforms.v2 on tv_tensors, as the pre-training views do."""
+    h, w = image.shape[-2:]
+    out = dict(target)
+    for name in ("boxes", "ignore"):
+        if name in target:
+            boxes = tv_tensors.BoundingBoxes(target[name].reshape(-1, 4), format="XYXY", canvas_size=(h, w))
+            out[name] = F.horizontal_flip(boxes).as_subclass(torch.Tensor)
+    return F.horizontal_flip(image), out
 
 
 class PersonSearchDataset(torch.utils.data.Dataset):
@@ -155,12 +160,12 @@ class PersonSearchDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         r = self.records[i]
         image = read_image(r.image)
-        boxes = torch.as_tensor(r.boxes, dtype=torch.float32).reshape(-1, 4)
-        if self.flip_prob > 0 and torch.rand(()) < self.flip_prob:
-            image, boxes = hflip(image, boxes)
-        target = {"boxes": boxes, "pids": torch.as_tensor(r.ids, dtype=torch.int64)}
+        target = {"boxes": torch.as_tensor(r.boxes, dtype=torch.float32).reshape(-1, 4),
+                  "pids": torch.as_tensor(r.ids, dtype=torch.int64)}
         if r.ignore:
             target["ignore"] = torch.as_tensor(r.ignore, dtype=torch.float32).reshape(-1, 4)
+        if self.flip_prob > 0 and torch.rand(()) < self.flip_prob:
+            image, target = hflip(image, target)
         return image, target, r.key
 
 

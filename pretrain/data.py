@@ -72,6 +72,7 @@ class DataConfig:
     batch_size: int = 2                 # images per process per forward
     num_workers: int = 0
     remainder: str = "drop"             # "drop" | "pad": make the epoch a multiple of world*batch
+    group_by_aspect: bool = True        # global batches of one orientation (re-ID canvases vs scenes)
     reid_canvas: str = "expand_resize"  # "expand_resize" | "random_paste" (paper Tab. 4)
     canvas_size: list[int] = field(default_factory=lambda: [600, 1200])   # (width, height); portrait like the crops
     canvas_ratio: list[float] = field(default_factory=lambda: [1.0, 3.0])  # expand_resize canvas/crop ratio
@@ -351,6 +352,39 @@ def equalize(plan: list, world: int, batch_size: int, remainder: str = "drop") -
     raise DataError(f"remainder must be 'drop' or 'pad', got {remainder!r}")
 
 
+def aspect_groups(source: ShardSource, canvas_size: Sequence[int]) -> list[int]:
+    """Orientation group of each shard: 1 for re-ID crops (they end on ``canvas_size``
+    canvases, portrait by default), 0 for detection / person-search scenes (landscape)."""
+    portrait = int(canvas_size[1] > canvas_size[0])
+    tasks = {name: d.get("task") for name, d in source.manifest["datasets"].items()}
+    return [portrait if tasks.get(info.dataset) == "reid" else 0 for info in source.shards]
+
+
+def group_by_aspect(plan: list, shard_group: Sequence[int], step: int) -> list:
+    """Reorder an equalized plan so that every global batch (``step`` consecutive entries)
+    holds images of one orientation where possible (torchvision's GroupedBatchSampler idea).
+
+    Walks the shuffled plan, fills one buffer per group and emits a buffer as a global batch
+    when it is full; what is left at the end (less than one batch per group) forms the last,
+    mixed batches.  The result is a permutation of ``plan`` (same entries, so rank coverage
+    and the no-duplicate property hold) and a pure function of it.  A portrait canvas next to
+    a landscape scene pads the batch to nearly square: the padding costs compute and lets the
+    detection IAM's discriminator win on padding."""
+    if len(plan) % step:
+        raise DataError("plan length must be a multiple of world*batch_size (call equalize first)")
+    buffers: dict[int, list] = {}
+    out: list = []
+    for item in plan:
+        buf = buffers.setdefault(shard_group[item[0]], [])
+        buf.append(item)
+        if len(buf) == step:
+            out.extend(buf)
+            buf.clear()
+    for group in sorted(buffers):
+        out.extend(buffers[group])
+    return out
+
+
 def rank_batches(n_plan: int, rank: int, world: int, batch_size: int) -> list[list[int]]:
     """Plan positions of each batch of ``rank``: ranks interleave over the
     plan, so global step ``b`` uses positions ``[b*world*B, (b+1)*world*B)``."""
@@ -506,6 +540,8 @@ class EpochDataset(IterableDataset):
         self.seed, self.epoch, self.rank, self.world, self.start = seed, epoch, rank, world, start
         self.reader = reader or ShardReader(source.shards, cfg.cache_dir)
         plan = equalize(epoch_plan(source, weights, seed, epoch), world, cfg.batch_size, cfg.remainder)
+        if cfg.group_by_aspect:
+            plan = group_by_aspect(plan, aspect_groups(source, cfg.canvas_size), world * cfg.batch_size)
         self.plan = plan
         self.batches = rank_batches(len(plan), rank, world, cfg.batch_size)
 

@@ -48,23 +48,33 @@ def test_expand_resize_box_maps_onto_crop_pixels(seed):
 
 
 def test_expand_resize_ratio_range_honoured():
-    img, whole, _ = crop_with_inner_box()
     lo, hi = 1.5, 2.5
     ratios = []
     for seed in range(200):
         p = plan_expand_resize((64, 128), np.random.default_rng(seed), (256, 512), (lo, hi))
         x0, y0, x1, y1 = p.region
-        assert lo <= p.ratio[0] <= hi and lo <= p.ratio[1] <= hi
-        # canvas side / crop side == out side / region side (up to the pixel snap)
+        assert lo <= p.ratio[0] <= hi and p.ratio[0] == p.ratio[1]
+        # crop and output have the same aspect here: canvas side / crop side == r on both axes
         assert abs(256 / (x1 - x0) - p.ratio[0]) / p.ratio[0] < 0.02
         assert abs(512 / (y1 - y0) - p.ratio[1]) / p.ratio[1] < 0.02
         assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 512
-        ratios.append(p.ratio)
-    r = np.array(ratios)
-    assert r.min() < lo + 0.1 and r.max() > hi - 0.1                  # spans the range
-    assert np.mean(np.abs(r[:, 0] - r[:, 1])) > 0.1                    # per axis, independent
-    same = plan_expand_resize((64, 128), 3, (256, 512), (lo, hi), same_ratio=True)
-    assert same.ratio[0] == same.ratio[1]
+        ratios.append(p.ratio[0])
+    assert min(ratios) < lo + 0.1 and max(ratios) > hi - 0.1                  # spans the range
+
+
+@pytest.mark.parametrize("src", [(40, 100), (100, 40), (64, 64), (31, 97)])
+def test_expand_resize_keeps_the_person_aspect_ratio(src):
+    """One scale for both axes: a 0.40-aspect crop stays 0.40 on any canvas (up to the pixel
+    snap), whatever the canvas aspect; it used to come out anywhere from 0.17 to 1.43."""
+    want = src[0] / src[1]
+    for seed in range(100):
+        for out in ((80, 160), (256, 512), (300, 200)):
+            p = plan_expand_resize(src, np.random.default_rng(seed), out, (1.0, 3.0))
+            x0, y0, x1, y1 = p.region
+            w, h = x1 - x0, y1 - y0
+            # rounding each side to whole pixels moves the aspect by at most one pixel per side
+            assert (w - 1) / (h + 1) <= want <= (w + 1) / max(h - 1, 1), (src, out, p.region)
+            assert 0 <= x0 < x1 <= out[0] and 0 <= y0 < y1 <= out[1]
 
 
 def test_expand_resize_ratio_one_fills_canvas():

@@ -103,12 +103,17 @@ def test_dataset_item_and_flip(prw):
     image, target, key = PersonSearchDataset(records)[0]
     assert image.shape[0] == 3 and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     assert target["boxes"].shape == (len(records[0].boxes), 4) and key == records[0].key
-    flipped, fboxes = hflip(image, target["boxes"])
+    target = dict(target, ignore=torch.tensor([[0.0, 5.0, 30.0, 60.0]]))
+    flipped, ft = hflip(image, target)
     assert torch.equal(flipped[..., 0], image[..., -1])
     w = image.shape[-1]
-    assert torch.allclose(fboxes[:, [0, 2]], w - target["boxes"][:, [2, 0]])
-    back, bboxes = hflip(flipped, fboxes)
-    assert torch.equal(back, image) and torch.allclose(bboxes, target["boxes"])
+    assert torch.allclose(ft["boxes"][:, [0, 2]], w - target["boxes"][:, [2, 0]])
+    # ignore regions move with the image (they stayed put before)
+    assert ft["ignore"].tolist() == [[w - 30.0, 5.0, float(w), 60.0]]
+    assert torch.equal(ft["pids"], target["pids"])
+    back, bt = hflip(flipped, ft)
+    assert torch.equal(back, image) and torch.allclose(bt["boxes"], target["boxes"])
+    assert torch.allclose(bt["ignore"], target["ignore"])
 
 
 def test_lr_schedule_warmup_and_step():

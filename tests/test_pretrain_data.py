@@ -340,3 +340,20 @@ def test_loader_resume_continues_the_same_order(build):
     assert resumed.epoch == 1
     with pytest.raises(D.DataError, match="world=2"):
         D.PretrainLoader(src, cfg, PARAMS, seed=0, world=2).load_state_dict(state)
+
+
+def test_group_by_aspect_is_a_permutation_with_single_orientation_batches():
+    from pretrain.data import group_by_aspect
+
+    rng = np.random.default_rng(0)
+    shard_group = [0, 1, 0, 1]
+    plan = [(int(s), i, 0) for i, s in enumerate(rng.integers(0, 4, 40))]
+    grouped = group_by_aspect(plan, shard_group, step=4)
+    assert sorted(grouped) == sorted(plan)
+    batches = [grouped[k:k + 4] for k in range(0, 40, 4)]
+    mixed = [b for b in batches if len({shard_group[s] for s, _, _ in b}) > 1]
+    # at most the left-over tail (< one batch per group) mixes orientations
+    assert len(mixed) <= 1
+    assert group_by_aspect(plan, shard_group, 4) == grouped           # pure
+    with pytest.raises(Exception, match="multiple"):
+        group_by_aspect(plan[:-1], shard_group, 4)

@@ -289,8 +289,13 @@ def window_means(hist: list[dict], steps: range) -> dict[str, float]:
 #   the backbone *maximises* them, so they stay near log(num_domains) by design;
 # * loss_rpn_reg -- it starts small (~0.04) and within 36 steps it only drifts
 #   (measured: first epoch 0.042, last epoch 0.047); the RPN box deltas learn
-#   more slowly than anything else at this lr.
-MINIMISED = ("loss", "loss_rpn_cls", "loss_box_reg", "loss_det_cls", "loss_reid", "loss_con")
+#   more slowly than anything else at this lr;
+# * loss_box_reg -- NAE/SeqNet normalise the summed smooth-L1 (beta 1) of the
+#   foreground RoIs by ALL sampled RoIs: early on the only positives are the
+#   appended GT boxes (target 0), and as the RPN improves more real positives
+#   enter the sum, so the term grows while regression improves (measured here:
+#   0.30 -> 0.43 over 36 steps).
+MINIMISED = ("loss", "loss_rpn_cls", "loss_det_cls", "loss_reid", "loss_con")
 
 
 @pytest.mark.slow

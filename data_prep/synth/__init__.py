@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-SIZES = ("tiny", "small")
+# "bench" = "small" except where a writer defines it (PRW: >= 100 queries for the ablation benchmark)
+SIZES = ("tiny", "small", "bench")
 TRUTH_FILE = "synth_truth.json"
 
 
@@ -52,15 +53,20 @@ def write_world(
     size: str = "tiny",
     only: Sequence[str] | None = None,
     warn: Callable[[str], None] = print,
+    domain_gap: float = 1.0,
 ) -> dict:
     """Write the synthetic copy of every format (or ``only`` those) under
     ``out_dir/<name>`` and ``out_dir/synth_truth.json``; returns the truths
     ``{name: truth}``.  Formats whose writer is missing are skipped with a
-    warning; a writer that raises is a :class:`SynthError` naming it."""
+    warning; a writer that raises is a :class:`SynthError` naming it.  ``domain_gap`` scales
+    how far each dataset's style lies from the PRW (target) style (render.domain_gap)."""
     from ..formats import FORMATS
+    from .render import domain_gap as gap_context
 
     if size not in SIZES:
         raise SynthError(f"size must be one of {SIZES}, got {size!r}")
+    if not domain_gap >= 0:
+        raise SynthError(f"domain gap must be >= 0, got {domain_gap}")
     names = list(FORMATS if only is None else only)
     unknown = [n for n in names if n not in FORMATS]
     if unknown:
@@ -73,8 +79,10 @@ def write_world(
         if mod is None:
             warn(f"warning: no synthetic writer data_prep/synth/{name}.py yet; skipping {name}")
             continue
+        own = size if size in getattr(mod, "SIZES", {}) else ("small" if size == "bench" else size)
         try:
-            truth = mod.write(out / name, seed=seed, size=size)
+            with gap_context(domain_gap):
+                truth = mod.write(out / name, seed=seed, size=own)
         except Exception as e:
             raise SynthError(f"synthetic writer {name} failed: {type(e).__name__}: {e}") from e
         truths[name] = truth

@@ -36,6 +36,7 @@ UNLABELED = -2
 SIZES = {
     "tiny": {"train_frames": 22, "test_frames": 15, "train_ids": 6, "test_ids": 5, "queries": 8},
     "small": {"train_frames": 150, "test_frames": 80, "train_ids": 24, "test_ids": 16, "queries": 30},
+    "bench": {"train_frames": 150, "test_frames": 120, "train_ids": 24, "test_ids": 40, "queries": 120},
 }
 
 

@@ -15,8 +15,10 @@ Pure numpy; no file I/O here.
 """
 from __future__ import annotations
 
+import contextvars
 import hashlib
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -89,6 +91,48 @@ STYLES: dict[str, Style] = {
     "prw": Style("prw", (120, 125, 115), (175, 180, 165), "floor", (0.97, 1.03, 0.98), 5.0, 0),
     "posetrack21": Style("posetrack21", (60, 110, 150), (200, 190, 170), "stripes", (1.02, 1.0, 0.97), 6.0, 0),
 }
+
+
+# --------------------------------------------------------------------------- the domain-gap knob
+#: The style every other dataset is measured against: the fine-tuning target of the benchmarks.
+GAP_REFERENCE = "prw"
+_GAP = contextvars.ContextVar("hybridps_domain_gap", default=1.0)
+
+
+@contextmanager
+def domain_gap(value: float):
+    """Render every dataset with its style moved ``value`` of the way from the reference
+    (target) style to its own: 0 = every dataset looks like the target, 1 = the built-in
+    styles, > 1 = exaggerated differences (stronger colour casts, brightness, noise and blur
+    that a model can overfit to).  The identity looks and scene layouts do not change."""
+    if not value >= 0:
+        raise ValueError(f"domain gap must be >= 0, got {value}")
+    token = _GAP.set(float(value))
+    try:
+        yield
+    finally:
+        _GAP.reset(token)
+
+
+def effective_style(style: Style) -> Style:
+    """``style`` under the current domain gap (see :func:`domain_gap`)."""
+    g = _GAP.get()
+    ref = STYLES[GAP_REFERENCE]
+    if g == 1.0 or style.name == GAP_REFERENCE:
+        return style
+
+    def mix(own, target, lo, hi):
+        return tuple(float(np.clip(t + g * (o - t), lo, hi)) for o, t in zip(own, target))
+
+    return replace(
+        style,
+        bg_a=mix(style.bg_a, ref.bg_a, 0, 255), bg_b=mix(style.bg_b, ref.bg_b, 0, 255),
+        texture=style.texture if g > 0 else ref.texture,
+        gain=mix(style.gain, ref.gain, 0.2, 3.0),
+        noise=max(0.0, ref.noise + g * (style.noise - ref.noise)),
+        blur=int(round(max(0.0, ref.blur + g * (style.blur - ref.blur)))),
+        brightness=float(np.clip(ref.brightness + g * (style.brightness - ref.brightness), 0.1, 3.0)),
+    )
 
 
 def _background(style: Style, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -205,7 +249,9 @@ def render_scene(
     light: float = 1.0,
 ) -> np.ndarray:
     """A scene with ``people`` (look, xyxy box).  People are drawn in order of
-    their bottom edge (far first), then ``occluders`` poles/boxes on top."""
+    their bottom edge (far first), then ``occluders`` poles/boxes on top.  The style is
+    taken under the current domain gap (:func:`domain_gap`)."""
+    style = effective_style(style)
     img = _background(style, height, width, rng)
     for look, box in sorted(people, key=lambda p: p[1][3]):
         draw_person(img, box, look, rng)
