@@ -7,6 +7,7 @@ threads of tiny tensors mostly wait on each other (measured 3x slower).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -339,8 +340,10 @@ def test_intra_task_alignment_scopes_follow_the_manifest_tasks():
     assert cfg.model.num_pids == 50
     everything = resolve_for_data(load_config("pretrain/configs/tiny.yaml", ["hybrid.align_scope=all"]), source)
     assert everything.hybrid.det_domains is None and everything.hybrid.reid_domains is None
+    with pytest.raises(ConfigError, match="align_scope"):      # refused at load time now
+        load_config("pretrain/configs/tiny.yaml", ["hybrid.align_scope=bogus"])
     with pytest.raises(TrainError, match="align_scope"):
-        resolve_for_data(load_config("pretrain/configs/tiny.yaml", ["hybrid.align_scope=bogus"]), source)
+        resolve_for_data(dataclasses.replace(cfg, hybrid=dataclasses.replace(cfg.hybrid, align_scope="bogus")), source)
 
 
 def test_logged_means_leave_out_undefined_monitors():
