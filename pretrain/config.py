@@ -201,8 +201,11 @@ def load_yaml_with_includes(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"include cycle: {' -> '.join(str(p) for p in _seen + (path,))}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = _yaml_load(f) or {}
+    try:
+        with open(path) as f:
+            data = _yaml_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     includes = data.pop("include", None) or []
