@@ -44,9 +44,13 @@ log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE.json"
 FORMAT = 1
 _NAME_RE = re.compile(r"checkpoint_(\d+)")
-# Test hook: SIGKILL this process at a named point of save_checkpoint (see
-# tests/test_hostile_pretrain.py), so the crash-safety claims are tested with
-# a real kill of a real run, not a simulation.
+# Every file a checkpoint may hold; anything else in the folder was not
+# written by this trainer and the folder is refused (nothing reads it anyway).
+_FILE_RE = re.compile(r"(model\.safetensors|optimizer\.safetensors|optimizer\.json|scheduler\.json|state\.json"
+                      r"|rng_\d+\.safetensors|rng_\d+\.json)")
+# Test hook: ``HYBRIDPS_FAULT=<point>@<step>`` SIGKILLs this process at a named
+# point of save_checkpoint (see tests/test_hostile_pretrain.py), so the
+# crash-safety claims are tested with a real kill of a real run.
 FAULT_ENV = "HYBRIDPS_FAULT"
 
 # Settings that make a resumed run a different run (tensor shapes, data order,
@@ -95,8 +99,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fault(point: str) -> None:
-    if os.environ.get(FAULT_ENV) == point:
+def _fault(point: str, step: int) -> None:
+    if os.environ.get(FAULT_ENV) == f"{point}@{step}":
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -245,9 +249,13 @@ def verify(path: Path) -> dict:
     files = record.get("files")
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{path}: {COMPLETE} lists no files")
+    for f in sorted(path.iterdir()):
+        if f.name != COMPLETE and not (_FILE_RE.fullmatch(f.name) and f.name in files):
+            raise CheckpointError(f"{path}: unexpected file {f.name!r} (not written by this trainer; "
+                                  "remove it if you trust the folder)")
     for name, want in files.items():
         f = path / name
-        if "/" in name or name.startswith(".") or not isinstance(want, dict):
+        if not _FILE_RE.fullmatch(name) or not isinstance(want, dict):
             raise CheckpointError(f"{path}: {COMPLETE} has a bad entry {name!r}")
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
@@ -314,7 +322,7 @@ def save_checkpoint(accelerator, out: Path, number: int, model, optimizer, sched
                                          accelerator.step, "resume_config": resume_cfg, **extra})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _fault("checkpoint_written")
+        _fault("checkpoint_written", step)
         # read back what landed on disk: the hashes describe the bytes a resume will see
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         _write_json(tmp / COMPLETE, {"format": FORMAT, "step": step, "files": files})
@@ -323,7 +331,7 @@ def save_checkpoint(accelerator, out: Path, number: int, model, optimizer, sched
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        _fault("checkpoint_renamed")
+        _fault("checkpoint_renamed", step)
         _prune(out, final, total_limit)
     accelerator.wait_for_everyone()
     return final

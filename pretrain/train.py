@@ -215,7 +215,10 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
             check_resumable(start_from, out, resume_cfg)
         except CheckpointError as e:
             raise TrainError(str(e)) from None
-    model = HybridModel(cfg.model, cfg.hybrid)
+    try:
+        model = HybridModel(cfg.model, cfg.hybrid)
+    except ValueError as e:     # the model's own checks of the config (e.g. an unknown backbone name)
+        raise TrainError(f"cannot build the model: {e}") from None
     if accelerator.num_processes > 1 and (t.sync_bn or cfg.model.norm_layer == "syncbn"):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, t)
