@@ -137,7 +137,8 @@ def resume_config(cfg, world_size: int, manifest_sha256: str) -> dict[str, Any]:
     from pretrain.config import to_dict
 
     flat = _flatten(to_dict(cfg))
-    keep = {k: v for k, v in flat.items() if k.startswith(("model.", "hybrid.")) or k in RESUME_KEYS}
+    keep = {k: v for k, v in flat.items()
+            if k.startswith(("model.", "hybrid.", *(r + "." for r in RESUME_KEYS))) or k in RESUME_KEYS}
     # dict-valued settings (data.weights, data.splits) flatten to their items, or vanish when empty
     for key in RESUME_KEYS:
         if not any(k.startswith(key + ".") for k in keep):
