@@ -53,7 +53,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.augment import ViewParams, make_two_views
-from pretrain.integrity import IntegrityError, check_header, check_meta, check_shard, open_image
+from pretrain.integrity import IntegrityError, check_header, check_manifest, check_meta, check_shard, open_image
 
 
 @dataclass
@@ -150,11 +150,17 @@ def _read_manifest(path: Path) -> tuple[dict, str]:
     raw = path.read_bytes()
     try:
         manifest = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: manifest must be a JSON object, got {type(manifest).__name__}")
     for key in ("num_ids", "domains", "datasets"):
         if key not in manifest:
             raise DataError(f"{path}: manifest lacks {key!r}")
+    try:
+        check_manifest(manifest, str(path))
+    except IntegrityError as e:
+        raise DataError(str(e)) from None
     return manifest, hashlib.sha256(raw).hexdigest()
 
 

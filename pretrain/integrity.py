@@ -189,3 +189,63 @@ def open_image(data: bytes, where: str, max_pixels: int) -> Image.Image:
         raise IntegrityError(f"{where}: image header says {w}x{h} = {w * h / 1e6:.0f} Mpx, more than "
                              f"data.max_pixels = {max_pixels / 1e6:.0f} Mpx (not decoded)")
     return im
+
+
+# --------------------------------------------------------------------------- the manifest
+def check_manifest(man: Any, where: str) -> None:
+    """The manifest fields the loader and the model size themselves by
+    (CONTRACTS section 3): a wrong type is a one-line error here instead of a
+    KeyError later, and ``num_ids`` (the OIM LUT rows, num_ids x emb_dim
+    floats) cannot be inflated past the datasets' id ranges."""
+    if not isinstance(man, dict):
+        raise IntegrityError(f"{where}: manifest must be a JSON object, got {type(man).__name__}")
+    num_ids, domains, datasets = man.get("num_ids"), man.get("domains"), man.get("datasets")
+    if not _is_int(num_ids) or num_ids < 1:
+        raise IntegrityError(f"{where}: manifest 'num_ids' must be a positive integer, got {num_ids!r}"[:300])
+    if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains) or len(set(domains)) != len(domains):
+        raise IntegrityError(f"{where}: manifest 'domains' must be a list of distinct dataset names"[:300])
+    if not isinstance(datasets, dict) or set(datasets) != set(domains):
+        raise IntegrityError(f"{where}: manifest 'datasets' must be an object with one entry per name in 'domains'")
+    ends = []
+    for name, entry in datasets.items():
+        at = f"{where}: manifest datasets[{name!r}]"
+        if not isinstance(entry, dict):
+            raise IntegrityError(f"{at} must be an object")
+        if entry.get("domain") != domains.index(name) or not _is_int(entry.get("domain")):
+            raise IntegrityError(f"{at}['domain'] is {entry.get('domain')!r}, but {name!r} is domain "
+                                 f"{domains.index(name)} in 'domains'"[:300])
+        if entry.get("task") not in TASKS:
+            raise IntegrityError(f"{at}['task'] must be one of {TASKS}, got {entry.get('task')!r}"[:300])
+        r = entry.get("id_range")
+        if r is not None:
+            if not (isinstance(r, list) and len(r) == 2 and all(_is_int(v) for v in r) and 0 <= r[0] <= r[1] <= num_ids):
+                raise IntegrityError(f"{at}['id_range'] must be [lo, hi] with 0 <= lo <= hi <= num_ids, got {r!r}"[:300])
+            ends.append(r[1])
+        splits = entry.get("splits", {})
+        if not isinstance(splits, dict):
+            raise IntegrityError(f"{at}['splits'] must be an object")
+        for split, info in splits.items():
+            shards = info.get("shards", []) if isinstance(info, dict) else None
+            if not isinstance(shards, list):
+                raise IntegrityError(f"{at}['splits'][{split!r}]['shards'] must be a list")
+            for i, shard in enumerate(shards):
+                _check_shard_entry(shard, f"{at}['splits'][{split!r}]['shards'][{i}]")
+    if ends and len(ends) == len(datasets) and num_ids != max(ends):
+        raise IntegrityError(f"{where}: manifest 'num_ids' is {num_ids}, but the datasets' id ranges end at {max(ends)}")
+
+
+def _check_shard_entry(shard: Any, at: str) -> None:
+    if not isinstance(shard, dict):
+        raise IntegrityError(f"{at} must be an object")
+    path = shard.get("path")
+    if not isinstance(path, str) or not path or path.startswith("/") or ".." in Path(path).parts:
+        # paths are relative to the build directory; an absolute or ../ path would read outside it
+        raise IntegrityError(f"{at}['path'] must be a relative path inside the build, got {path!r}"[:300])
+    if not _is_int(shard.get("samples")) or shard["samples"] < 0:
+        raise IntegrityError(f"{at}['samples'] must be a non-negative integer, got {shard.get('samples')!r}"[:300])
+    sha = shard.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise IntegrityError(f"{at}['sha256'] must be 64 hex digits, got {sha!r}"[:300])
+    size = shard.get("size", shard.get("bytes"))
+    if size is not None and (not _is_int(size) or size < 0):
+        raise IntegrityError(f"{at}['size'] must be a non-negative integer, got {size!r}"[:300])

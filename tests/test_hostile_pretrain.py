@@ -364,6 +364,47 @@ def test_json_that_is_not_an_object(build):
         list(D.decode_samples([sample]))
 
 
+def _set(path: list, value):
+    def apply(man):
+        node = man
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+        return man
+    return apply
+
+
+SHARD0 = ["datasets", "detA", "splits", "train", "shards", 0]
+BAD_MANIFEST = {
+    "a list": (lambda man: [man], "JSON object"),
+    "num_ids 10**12": (_set(["num_ids"], 10 ** 12), "num_ids"),      # a 10^12-row OIM LUT
+    "num_ids as string": (_set(["num_ids"], "20"), "num_ids"),
+    "domain swapped": (_set(["datasets", "detA", "domain"], 2), "'domain'"),
+    "unknown task": (_set(["datasets", "detA", "task"], "cls"), "'task'"),
+    "id_range past num_ids": (_set(["datasets", "reidC", "id_range"], [0, 10 ** 9]), "id_range"),
+    "shard path escapes": (_set(SHARD0 + ["path"], "../../etc/passwd"), "'path'"),
+    "absolute shard path": (_set(SHARD0 + ["path"], "/etc/passwd"), "'path'"),
+    "samples negative": (_set(SHARD0 + ["samples"], -3), "'samples'"),
+    "sha256 not hex": (_set(SHARD0 + ["sha256"], "zz"), "'sha256'"),
+    "domains not names": (_set(["domains"], [1, 2, 3]), "'domains'"),
+    "not json": (None, "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MANIFEST))
+def test_hostile_manifest_is_a_clear_error(build, tmp_path, case):
+    mutate, needle = BAD_MANIFEST[case]
+    root = tmp_path / "b"
+    shutil.copytree(build, root)
+    if mutate is None:
+        (root / "manifest.json").write_bytes(b"\xff\xfe{not json")
+    else:
+        (root / "manifest.json").write_text(json.dumps(mutate(json.loads((root / "manifest.json").read_text()))))
+    with pytest.raises(D.DataError) as e:
+        D.open_source(shards=str(root))
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
 def test_diverging_run_stops_without_exporting(build, tmp_path):
     out = tmp_path / "run"
     proc = run(tmp_path, build, out, 8, "train.lr=1e6", "train.warmup_steps=0", "train.save_every=0")
