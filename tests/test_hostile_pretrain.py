@@ -277,7 +277,8 @@ def test_bomb_in_a_shard_stops_the_run_with_one_line(build, tmp_path):
     shutil.copytree(build, hostile)
     rewrite_shard(hostile, "detA/train-000000.tar",
                   lambda s: dict(with_json(s, width=11000, height=11000), jpg=jpeg_with_header(11000, 11000)))
-    proc = run(tmp_path, hostile, tmp_path / "run", 8, timeout=120)
+    # a DataLoader worker meets it: the error crosses the process boundary and stays one line
+    proc = run(tmp_path, hostile, tmp_path / "run", 8, "data.num_workers=1", timeout=120)
     assert proc.returncode == 2
     line = one_line_error(proc.stderr)
     assert "11000x11000" in line and "data.max_pixels" in line and "detA/train-000000.tar" in line
