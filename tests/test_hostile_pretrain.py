@@ -219,6 +219,18 @@ def test_half_written_and_truncated_checkpoints_fall_back(trained, build, tmp_pa
     assert [json.loads(ln)["step"] for ln in (run_dir / "losses.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_export_files_appear_whole_or_not_at_all(tmp_path):
+    from pretrain.export import _atomic
+
+    def dies_halfway(p):
+        p.write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        _atomic(tmp_path / "model.safetensors", dies_halfway)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- 3. memory bombs
 def jpeg_with_header(w: int, h: int) -> bytes:
     """A 16x16 JPEG whose SOF0 header claims w x h (a few hundred bytes)."""
