@@ -310,7 +310,7 @@ def test_tampered_shard_is_refused_naming_it(build, tmp_path):
     assert "reidB/train-000000.tar" in line and "sha256" in line
 
 
-def test_shard_checks_size_cache_and_verify_flag(build, tmp_path):
+def test_shard_checks_size_cache_and_verify_flag(build, tmp_path, capsys):
     hostile = tmp_path / "b"
     shutil.copytree(build, hostile)
     src = D.open_source(shards=str(hostile))
@@ -328,6 +328,8 @@ def test_shard_checks_size_cache_and_verify_flag(build, tmp_path):
     D.ShardReader(src.shards).key(0, 0)
     with pytest.raises(D.DataError, match="sha256"):
         D.ShardReader(src.shards, verify=True).key(0, 0)
+    rc, err = in_process(capsys, hostile, tmp_path / "run", 1, "--verify-shards")
+    assert rc == 2 and "detA/train-000000.tar" in one_line_error(err) and "sha256" in err
     man = json.loads((hostile / "manifest.json").read_text())
     man["datasets"]["reidC"]["splits"]["train"]["shards"][0]["size"] = 12345
     (hostile / "manifest.json").write_text(json.dumps(man))
