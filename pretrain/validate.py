@@ -4,7 +4,8 @@ per field) instead of surfacing steps later as a ZeroDivisionError, a NaN, or
 a run that trains on a silently wrong setting.
 
 ``RULES`` maps each dotted field name to a check; ``tests/test_hostile_pretrain.py``
-asserts that every dataclass field has one, so a new field cannot skip it.
+asserts that every dataclass field has one, so a new field cannot skip it.  (A
+rule may name a field this branch does not have yet: it is simply unused.)
 """
 from __future__ import annotations
 
@@ -99,13 +100,14 @@ RULES: dict[str, Check] = {
     "model.emb_dim": rng(2), "model.num_pids": IPOS, "model.cq_size": INONNEG,
     "model.oim_momentum": UNIT, "model.oim_scalar": POS,
     "model.lut_dtype": choice("float32", "bfloat16", "float16"),
+    "model.box_loss_beta": NONNEG,          # smooth-L1 beta; 0 = plain L1
     "model.score_thresh": UNIT, "model.nms_thresh": UNIT, "model.detections_per_img": IPOS,
     # hybrid (pretrain/hybrid.py)
     "hybrid.num_domains": IPOS, "hybrid.grl_coef": NONNEG, "hybrid.predictor_hidden": IPOS,
     "hybrid.iam_hidden": IPOS, "hybrid.align_scope": choice("task", "all"),
-    "hybrid.det_domains": each(INONNEG), "hybrid.reid_domains": each(INONNEG),
+    "hybrid.det_domains": each(INONNEG), "hybrid.reid_domains": each(INONNEG), "hybrid.max_con_boxes": INONNEG,
     **{f"hybrid.loss.{k}": anything for k in ("det", "reid", "con", "adv_det", "adv_reid", "consistency",
-                                              "inter_task")},
+                                              "inter_task", "oim_two_view")},
     **{f"hybrid.loss.{k}": WEIGHT for k in ("eta", "lambda_adv", "w_rpn_cls", "w_rpn_reg", "w_box_reg",
                                             "w_det_cls", "w_reid", "w_img", "w_ins", "w_cst", "w_inter")},
     # data (pretrain/data.py)
@@ -119,6 +121,7 @@ RULES: dict[str, Check] = {
     "data.crop_scale": each(rng(0, 1, lo_open=True), 2, ordered=True),
     "data.min_visible": UNIT, "data.min_box_size": NONNEG,
     "data.color_jitter": each(NONNEG, 4), "data.max_pixels": IPOS, "data.verify_shards": anything,
+    "data.group_by_aspect": anything,
     # train (pretrain/config.py)
     "train.output_dir": nonempty_str, "train.max_steps": IPOS, "train.seed": rng(0, 2 ** 32 - 1),
     "train.lr": POS, "train.momentum": rng(0, 1, hi_open=True), "train.weight_decay": NONNEG,

@@ -472,7 +472,6 @@ def test_every_bad_config_value_is_reported_at_once(capsys, tmp_path):
 
 def test_every_config_field_has_a_range_rule():
     assert sorted(set(rule_names(PretrainConfig)) - set(RULES)) == []
-    assert sorted(set(RULES) - set(rule_names(PretrainConfig))) == []
 
 
 def test_single_dataset_build_names_the_settings_to_change(tmp_path, capsys):
