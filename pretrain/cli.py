@@ -3,17 +3,31 @@
     python -m pretrain --config CONFIG.yaml [--shards DIR] [--out RUN] [--max-steps N]
                        [--resume [CKPT]] [key.path=value ...]
 
-``--shards``, ``--out`` and ``--max-steps`` are shorthands for the overrides
-``data.shards=``, ``train.output_dir=`` and ``train.max_steps=``.  ``--resume``
-alone continues from the newest checkpoint under ``RUN/checkpoints``.
+``--shards``, ``--out``, ``--max-steps`` and ``--verify-shards`` are shorthands
+for the overrides ``data.shards=``, ``train.output_dir=``, ``train.max_steps=``
+and ``data.verify_shards=true``.  ``--resume`` alone continues from the newest
+complete checkpoint under ``RUN/checkpoints``.
+
+Exit status (as ``python -m data_prep``): 0 success; 2 bad arguments, config,
+data or environment (unwritable or full disk, a run directory in the way),
+one line on stderr, never a traceback; 1 an unexpected internal error (the
+traceback with HYBRIDPS_DEBUG=1); 130 interrupted (``--resume`` continues).
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
 import sys
+import uuid
+from pathlib import Path
 
 from pretrain.config import ConfigError, load_config
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEBUG_ENV = "HYBRIDPS_DEBUG"
+PROG = "python -m pretrain"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train (total, counting resumed ones)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
-                   help="continue from CKPT, or from the newest checkpoint of --out")
+                   help="continue from CKPT, or from the newest complete checkpoint of --out")
+    p.add_argument("--verify-shards", action="store_true",
+                   help="re-hash every shard against the manifest before training (default: once per file, cached)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides (YAML values)")
     return p
 
@@ -41,14 +57,69 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.output_dir={args.out}")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
-    from pretrain.data import DataError
-    from pretrain.train import TrainError, train
-
+    if args.verify_shards:
+        overrides.append("data.verify_shards=true")
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
     try:
+        from pretrain.data import DataError
+        from pretrain.train import TrainError, train
+
         cfg = load_config(args.config, overrides)
+        check_output_dir(Path(cfg.train.output_dir))
         out = train(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; continue with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ConfigError, DataError, TrainError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"{PROG}: error: {describe_os_error(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"{PROG}: internal error: {type(e).__name__}: {one_line(e)} (set {DEBUG_ENV}=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
     print(f"run directory: {out}")
-    return 0
+    return EXIT_OK
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line.  An error raised in a DataLoader
+    worker arrives with the worker's traceback folded into the message; its
+    last line is the original error."""
+    text = str(e).strip()
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last and "Error" in last.split(": ", 1)[0] else last
+    return " ".join(text.split()) or type(e).__name__
+
+
+def describe_os_error(e: OSError) -> str:
+    """What the environment refused, in words a user can act on."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"disk full: no space left on device{where}"
+    if e.errno == errno.EDQUOT:
+        return f"disk quota exceeded{where}"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}"
+    if e.errno == errno.EROFS:
+        return f"read-only file system{where}"
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"a file is in the way of a directory{where}"
+    return f"{e.strerror or e}{where}"
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail before building anything when the run directory cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / f".write-probe-{uuid.uuid4().hex}"
+    probe.write_bytes(b"")
+    probe.unlink()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -68,6 +69,19 @@ class PretrainConfig:
 
 
 # --------------------------------------------------------------------------- YAML <-> dataclass
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where ``1e6`` (no dot) is a *string*; read it
+    as the number YAML 1.2 and every user means (``lr: 1e-3`` included)."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml_load(text):
+    return yaml.load(text, Loader=_YAMLLoader)
+
+
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -125,6 +139,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 63:
+            value = int(value)          # max_steps: 1e5
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
@@ -185,8 +201,11 @@ def load_yaml_with_includes(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"include cycle: {' -> '.join(str(p) for p in _seen + (path,))}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = _yaml_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     includes = data.pop("include", None) or []
@@ -207,7 +226,7 @@ def parse_override(assignment: str) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"override {assignment!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {assignment!r}: value is not valid YAML ({e})") from None
     return parts, value
@@ -241,13 +260,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Pr
     data = load_yaml_with_includes(path) if path else {}
     for ov in overrides:
         data = apply_override(data, ov)
+    _raise_problems(data)
     cfg = from_dict(PretrainConfig, data)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: PretrainConfig) -> None:
-    """Cross-field checks that the type system cannot express."""
+    """Range of every field (pretrain/validate.py), then cross-field checks."""
+    _raise_problems(to_dict(cfg))
     d, t = cfg.data, cfg.train
     choices = {
         "data.remainder": (d.remainder, ("drop", "pad")),
@@ -274,6 +295,17 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"data.weights must be >= 0, got {d.weights}")
     if d.urls is not None and d.manifest is None:
         raise ConfigError("data.urls needs data.manifest (the build's manifest.json)")
+
+
+def _raise_problems(data: dict) -> None:
+    """Every bad field at once, on one line (the CLI prints it as its error)."""
+    from pretrain.validate import check_tree
+
+    problems = check_tree(PretrainConfig, data)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} bad config values: " + "; ".join(problems))
 
 
 def dump_config(cfg: PretrainConfig, path: str | Path) -> None:

@@ -38,7 +38,6 @@ dispatch or re-shard it (see the README, "Data pipeline").
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -51,10 +50,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.augment import ViewParams, make_two_views
+from pretrain.integrity import IntegrityError, check_header, check_manifest, check_meta, check_shard, open_image
 
 
 @dataclass
@@ -83,6 +82,8 @@ class DataConfig:
     min_visible: float = 0.5            # a cropped box keeps >= this share of its area, else dropped
     min_box_size: float = 2.0           # px after resize; smaller boxes are dropped from that view
     color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.05])  # b, c, s, h
+    max_pixels: int = 64_000_000        # larger JPEG headers are refused before decoding (memory bombs)
+    verify_shards: bool = False         # re-hash every shard at start (default: hash once, cached by mtime)
 
 
 class DataError(RuntimeError):
@@ -97,6 +98,9 @@ class ShardInfo:
     url: str            # local path, or a URL / `pipe:` command
     samples: int
     sha256: str | None
+    domain: int | None = None           # manifest domain of the dataset (checked per sample)
+    id_range: tuple[int, int] | None = None
+    size: int | None = None             # bytes, when the manifest records it
 
 
 @dataclass
@@ -147,12 +151,23 @@ def _read_manifest(path: Path) -> tuple[dict, str]:
     raw = path.read_bytes()
     try:
         manifest = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: manifest must be a JSON object, got {type(manifest).__name__}")
     for key in ("num_ids", "domains", "datasets"):
         if key not in manifest:
             raise DataError(f"{path}: manifest lacks {key!r}")
+    try:
+        check_manifest(manifest, str(path))
+    except IntegrityError as e:
+        raise DataError(str(e)) from None
     return manifest, hashlib.sha256(raw).hexdigest()
+
+
+def _id_range(entry: dict) -> tuple[int, int] | None:
+    r = entry.get("id_range")
+    return (r[0], r[1]) if isinstance(r, list) and len(r) == 2 else None
 
 
 def _match_urls(urls: Sequence[str], rel_paths: list[str]) -> list[str]:
@@ -187,7 +202,9 @@ def open_source(shards: str | None = None, urls: Sequence[str] | None = None,
         locations = [str(root / e[2]["path"]) for e in entries]
     else:
         raise DataError("no data: give --shards DIR (a data_prep build) or data.urls + data.manifest")
-    infos = [ShardInfo(d, s, loc, int(e["samples"]), e.get("sha256")) for (d, s, e), loc in zip(entries, locations)]
+    infos = [ShardInfo(d, s, loc, int(e["samples"]), e.get("sha256"), man["datasets"][d].get("domain"),
+                       _id_range(man["datasets"][d]), e.get("size", e.get("bytes")))
+             for (d, s, e), loc in zip(entries, locations)]
     return ShardSource(man, sha, infos)
 
 
@@ -229,9 +246,11 @@ class ShardReader:
     """Reads sample ``i`` of shard ``s`` by byte offset.  Indexes and file
     handles are built lazily, so each dataloader worker keeps its own."""
 
-    def __init__(self, shards: Sequence[ShardInfo], cache_dir: str | None = None):
+    def __init__(self, shards: Sequence[ShardInfo], cache_dir: str | None = None, verify: bool = False):
         self.shards = list(shards)
         self.cache_dir = cache_dir
+        self.verify = verify            # re-hash even shards the verification cache knows
+        self._checked: set[int] = set()
         self._index: dict[int, list[tuple[str, dict[str, tuple[int, int]]]]] = {}
         self._files: dict[int, Any] = {}
 
@@ -245,10 +264,19 @@ class ShardReader:
         if not _is_remote(info.url):
             if not os.path.isfile(info.url):
                 raise DataError(f"shard not found: {info.url}")
-            return info.url
-        if self.cache_dir is None:
+            path = info.url
+        elif self.cache_dir is None:
             raise DataError(f"shard {info.url!r} is remote: set data.cache_dir for the local copy")
-        return str(fetch_to_cache(info.url, self.cache_dir, info.sha256))
+        else:
+            path = str(fetch_to_cache(info.url, self.cache_dir, info.sha256))
+        if s not in self._checked:
+            # the bytes must be the build's: a tampered shard would otherwise train silently
+            try:
+                check_shard(path, info.sha256, info.size, force=self.verify, cache_dir=self.cache_dir)
+            except IntegrityError as e:
+                raise DataError(str(e)) from None
+            self._checked.add(s)
+        return path
 
     def index(self, s: int) -> list[tuple[str, dict[str, tuple[int, int]]]]:
         """[(key, {ext: (offset, size)})] of shard ``s`` in tar order."""
@@ -271,6 +299,11 @@ class ShardReader:
                 raise DataError(f"{path}: {len(samples)} samples but the manifest says {expected}")
             self._index[s] = list(samples.items())
         return self._index[s]
+
+    def expect(self, s: int) -> dict:
+        """What the manifest says every sample of shard ``s`` must satisfy."""
+        info = self.shards[s]
+        return {"domain": info.domain, "id_range": info.id_range}
 
     def key(self, s: int, i: int) -> str:
         return self.index(s)[i][0]
@@ -418,13 +451,14 @@ def read_samples(items: Iterable[tuple[int, PlanItem, int]], reader: ShardReader
         sample["__pos__"] = pos
         sample["__seed__"] = seed
         sample["__shard__"] = reader.shards[s].url
+        sample["__expect__"] = reader.expect(s)
         yield sample
 
 
 _REQUIRED = ("domain", "task", "labeled", "width", "height", "boxes", "pids")
 
 
-def _decode_one(sample: dict) -> dict:
+def _decode_one(sample: dict, max_pixels: int = DataConfig.max_pixels) -> dict:
     where = f"sample {sample['__key__']} ({sample.get('__shard__', '?')})"
     if "jpg" not in sample or "json" not in sample:
         members = sorted(k for k in sample if not k.startswith("__"))
@@ -433,17 +467,22 @@ def _decode_one(sample: dict) -> dict:
         meta = json.loads(sample["json"])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{where}: bad json ({e})") from None
-    missing = [k for k in _REQUIRED if k not in meta]
+    missing = [k for k in _REQUIRED if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise DataError(f"{where}: json lacks {missing}")
+    # header and json first: nothing is decoded or turned into tensors before it is known to fit
     try:
-        with Image.open(io.BytesIO(sample["jpg"])) as im:
+        jw, jh = check_header(meta, where)
+        with open_image(sample["jpg"], where, max_pixels) as im:
+            w, h = im.size
+            if (w, h) != (jw, jh):
+                raise DataError(f"{where}: image is {w}x{h} but json says {jw}x{jh}")
+            check_meta(meta, where, sample.get("__expect__"))
             image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except IntegrityError as e:
+        raise DataError(str(e)) from None
     except (OSError, ValueError) as e:
         raise DataError(f"{where}: image does not decode ({e})") from None
-    h, w = image.shape[-2:]
-    if (w, h) != (meta["width"], meta["height"]):
-        raise DataError(f"{where}: image is {w}x{h} but json says {meta['width']}x{meta['height']}")
     boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
     pids = torch.tensor(meta["pids"], dtype=torch.int64).reshape(-1)
     if len(boxes) != len(pids):
@@ -462,10 +501,10 @@ def _decode_one(sample: dict) -> dict:
     }
 
 
-def decode_samples(samples: Iterable[dict]) -> Iterator[dict]:
+def decode_samples(samples: Iterable[dict], max_pixels: int = DataConfig.max_pixels) -> Iterator[dict]:
     """JPEG bytes + json -> uint8 CHW image and box/pid tensors."""
     for sample in samples:
-        yield _decode_one(sample)
+        yield _decode_one(sample, max_pixels)
 
 
 def unify_reid(samples: Iterable[dict], mode: str = "expand_resize", out_size: Sequence[int] = (256, 512),
@@ -523,7 +562,7 @@ def batch_stages(items: Iterable, reader: ShardReader, cfg: DataConfig, params: 
     return iter(wds.DataPipeline(
         lambda: iter(items),
         lambda src: read_samples(src, reader),
-        decode_samples,
+        lambda src: decode_samples(src, cfg.max_pixels),
         lambda src: unify_reid(src, cfg.reid_canvas, cfg.canvas_size, cfg.canvas_ratio, cfg.paste_scale),
         lambda src: make_views(src, params),
     ))
@@ -538,7 +577,7 @@ class EpochDataset(IterableDataset):
                  seed: int, epoch: int, rank: int, world: int, start: int = 0, reader: ShardReader | None = None):
         self.source, self.cfg, self.params, self.weights = source, cfg, params, weights
         self.seed, self.epoch, self.rank, self.world, self.start = seed, epoch, rank, world, start
-        self.reader = reader or ShardReader(source.shards, cfg.cache_dir)
+        self.reader = reader or ShardReader(source.shards, cfg.cache_dir, cfg.verify_shards)
         plan = equalize(epoch_plan(source, weights, seed, epoch), world, cfg.batch_size, cfg.remainder)
         if cfg.group_by_aspect:
             plan = group_by_aspect(plan, aspect_groups(source, cfg.canvas_size), world * cfg.batch_size)
@@ -569,7 +608,7 @@ class PretrainLoader:
         self.source, self.cfg, self.params = source, cfg, params
         self.seed, self.rank, self.world = seed, rank, world
         self.weights = dataset_weights(source, cfg.weights)
-        self.reader = ShardReader(source.shards, cfg.cache_dir)
+        self.reader = ShardReader(source.shards, cfg.cache_dir, cfg.verify_shards)
         self.epoch = 0
         self.consumed = 0
 
@@ -600,7 +639,7 @@ class PretrainLoader:
                 self.reader.index(s)
 
     def __iter__(self) -> Iterator[dict]:
-        if self.cfg.num_workers > 0:
+        if self.cfg.num_workers > 0 or self.cfg.verify_shards:
             self.index_shards()
         while True:
             ds = self.epoch_dataset(self.epoch, self.consumed)

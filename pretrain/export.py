@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -51,11 +52,13 @@ def export_run(hybrid: torch.nn.Module, cfg: PretrainConfig, source, out: Path, 
     # directory still says how it must be fed.
     provenance = {"style": "pytorch", "channels": "RGB", "arch": json.dumps(cfg.model.backbone),
                   "mean": json.dumps(list(cfg.model.image_mean)), "std": json.dumps(list(cfg.model.image_std))}
-    save_file(_plain(search_model_state(search_model)), str(out / "model.safetensors"),
-              metadata={"format": "pt", "layout": "hybridps-nae", **provenance})
-    save_file(_plain(backbone_state(search_model)), str(out / "backbone.safetensors"),
-              metadata={"format": "pt", "backbone": cfg.model.backbone, **provenance})
-    dump_config(cfg, out / "config.yaml")
+    # each file appears whole or not at all (a kill mid-export leaves no half-written
+    # weights for finetune to pick up); meta.json, written last, marks a finished export
+    _atomic(out / "model.safetensors", lambda p: save_file(
+        _plain(search_model_state(search_model)), str(p), metadata={"format": "pt", "layout": "hybridps-nae", **provenance}))
+    _atomic(out / "backbone.safetensors", lambda p: save_file(
+        _plain(backbone_state(search_model)), str(p), metadata={"format": "pt", "backbone": cfg.model.backbone, **provenance}))
+    _atomic(out / "config.yaml", lambda p: dump_config(cfg, p))
     meta = {
         "backbone": cfg.model.backbone,
         "style": "pytorch",
@@ -71,4 +74,13 @@ def export_run(hybrid: torch.nn.Module, cfg: PretrainConfig, source, out: Path, 
         "final_losses": final_losses,
         "loss_history": "losses.jsonl",
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    _atomic(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

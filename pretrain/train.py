@@ -11,18 +11,19 @@ wrong with accelerate + webdataset (measured, see the README, "Pre-training"):
 * the scheduler steps once per optimizer step whatever the world size
   (``step_scheduler_with_optimizer=False``: accelerate would otherwise step
   it ``num_processes`` times per call);
-* ``save_state`` carries the model (with the OIM LUT/queue buffers),
-  optimizer, scheduler, RNG states, the loader position and the step, so
-  ``--resume`` continues with the same data order and loss trajectory.
+* a checkpoint (pretrain/state.py, not ``save_state``: no pickle, and
+  crash-safe with ``total_limit``) carries the model (with the OIM LUT/queue
+  buffers), optimizer, scheduler, RNG states, the loader position and the
+  step, so ``--resume`` continues with the same data order and loss trajectory.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -34,10 +35,15 @@ from pretrain.augment import ViewParams
 from pretrain.config import PretrainConfig, dump_config, to_dict
 from pretrain.data import PretrainLoader, ShardSource, open_source
 from pretrain.export import export_run
+from pretrain.guard import nonfinite_losses, nonfinite_parameters
 from pretrain.hybrid import HybridModel
 from pretrain.losses.oim import init_sync_group
 from pretrain.model.norm import convert_sync_batchnorm
 from pretrain.optim import param_groups
+from pretrain.state import (CheckpointError, check_resumable, checkpoint_dirs, complete_checkpoints,
+                            load_checkpoint, pick_resume, resume_config, save_checkpoint)
+
+log = logging.getLogger(__name__)
 
 
 class TrainError(RuntimeError):
@@ -45,16 +51,10 @@ class TrainError(RuntimeError):
 
 
 class TrainState:
-    """Step counter checkpointed with ``register_for_checkpointing``."""
+    """Step counter (saved in the checkpoint's state.json)."""
 
     def __init__(self) -> None:
         self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
 
 
 # --------------------------------------------------------------------------- builders
@@ -81,7 +81,20 @@ def resolve_for_data(cfg: PretrainConfig, source: ShardSource) -> PretrainConfig
             det_domains=hybrid.det_domains if hybrid.det_domains is not None else det,
             reid_domains=hybrid.reid_domains if hybrid.reid_domains is not None else reid,
         )
+    check_alignment_domains(hybrid, len(source.domains))
     return dataclasses.replace(cfg, model=model, hybrid=hybrid)
+
+
+def check_alignment_domains(hybrid, num_domains: int) -> None:
+    """An IAM is a domain classifier: with fewer than two datasets it has
+    nothing to tell apart (the model would fail deep inside with a traceback)."""
+    if (hybrid.loss.adv_det or hybrid.loss.adv_reid) and num_domains < 2:
+        raise TrainError(f"the build has {num_domains} dataset(s) but domain alignment (IAM) needs >= 2: "
+                         "pass hybrid.loss.adv_det=false hybrid.loss.adv_reid=false")
+    for name, on, domains in (("det", hybrid.loss.adv_det, hybrid.det_domains),
+                              ("reid", hybrid.loss.adv_reid, hybrid.reid_domains)):
+        if domains is not None and any(not 0 <= d < num_domains for d in domains):
+            raise TrainError(f"hybrid.{name}_domains {domains} names domains outside 0..{num_domains - 1}")
 
 
 def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
@@ -139,29 +152,32 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return batch
 
 
-def _checkpoint_dirs(out: Path) -> list[Path]:
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if re.fullmatch(r"checkpoint_\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
 def resolve_resume(out: Path, resume: str | None) -> Path | None:
-    """``None`` -> fresh run; ``"latest"`` -> newest checkpoint of ``out``; else a path."""
+    """``None`` -> fresh run; ``"latest"`` -> newest *complete* checkpoint of
+    ``out`` (a half-written or damaged newer one is skipped with a warning); else a path."""
     if resume is None:
-        if _checkpoint_dirs(out):
+        if complete_checkpoints(out):
             raise TrainError(f"{out} already holds checkpoints: pass --resume to continue or choose another --out")
         return None
-    if resume == "latest":
-        found = _checkpoint_dirs(out)
-        if not found:
-            raise TrainError(f"--resume: no checkpoints under {out / 'checkpoints'}")
-        return found[-1]
-    path = Path(resume)
-    if not (path / "custom_checkpoint_0.pkl").is_file():
-        raise TrainError(f"--resume {path}: not an accelerate checkpoint of this trainer")
-    return path
+    try:
+        return pick_resume(out, resume)
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
+
+
+def next_checkpoint_number(out: Path) -> int:
+    """Numbers only grow, so a new checkpoint never replaces an older folder."""
+    found = checkpoint_dirs(out)
+    return int(found[-1].name.split("_")[1]) + 1 if found else 0
+
+
+def save(accelerator, out: Path, model, optimizer, scheduler, loader, step: int, resume_cfg: dict, t) -> Path:
+    bad = nonfinite_parameters(accelerator.unwrap_model(model))
+    if bad:
+        raise TrainError(f"step {step}: non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+                         "not saved or exported")
+    return save_checkpoint(accelerator, out, next_checkpoint_number(out), model, optimizer, scheduler, loader,
+                           step, resume_cfg, t.total_limit)
 
 
 def _flat_hparams(cfg: PretrainConfig) -> dict:
@@ -195,7 +211,16 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
 
     source = open_source(cfg.data.shards, cfg.data.urls, cfg.data.manifest, cfg.data.splits)
     cfg = resolve_for_data(cfg, source)
-    model = HybridModel(cfg.model, cfg.hybrid)
+    resume_cfg = resume_config(cfg, accelerator.num_processes, source.manifest_sha256)
+    if start_from is not None:
+        try:
+            check_resumable(start_from, out, resume_cfg)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
+    try:
+        model = HybridModel(cfg.model, cfg.hybrid)
+    except ValueError as e:     # the model's own checks of the config (e.g. an unknown backbone name)
+        raise TrainError(f"cannot build the model: {e}") from None
     if accelerator.num_processes > 1 and (t.sync_bn or cfg.model.norm_layer == "syncbn"):
         model = convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, t)
@@ -206,7 +231,6 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
     loader = PretrainLoader(source, cfg.data, ViewParams.from_config(cfg.data, cfg.model), t.seed,
                             accelerator.process_index, accelerator.num_processes)
     state = TrainState()
-    accelerator.register_for_checkpointing(loader, state)
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -219,8 +243,10 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
         if accelerator.is_main_process and not accelerator.trackers:
             raise TrainError(f"log_with={t.log_with!r} but no tracker started (is tensorboard installed?)")
     if start_from is not None:
-        accelerator.load_state(str(start_from))
-        accelerator.project_configuration.iteration = int(start_from.name.split("_")[-1]) + 1
+        try:
+            state.step = load_checkpoint(accelerator, start_from, model, optimizer, scheduler, loader)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
         accelerator.print(f"resumed from {start_from} at step {state.step} "
                           f"(epoch {loader.epoch}, batch {loader.consumed})")
 
@@ -250,21 +276,27 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
                 window.setdefault(k, []).append(float(v.detach()))
         state.step += 1
         last = _reduce_means(accelerator, window)
+        diverged = nonfinite_losses(accelerator, window)
         window.clear()
         last["lr"] = scheduler.get_last_lr()[0]
         if accelerator.is_main_process:
             history.write(json.dumps({"step": state.step, **last}) + "\n")
             history.flush()
+        if diverged:
+            kept = complete_checkpoints(out)
+            raise TrainError(f"step {state.step}: non-finite loss ({', '.join(diverged)}); stopped without saving "
+                             f"or exporting (lower train.lr?); last checkpoint: "
+                             f"{kept[-1] if kept else 'none'}")
         if t.log_with and (state.step % t.log_every == 0 or state.step == t.max_steps):
             accelerator.log(last, step=state.step)
         progress.update(1)
         progress.set_postfix(loss=f"{last['loss']:.3f}")
         if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
-            accelerator.save_state()
+            save(accelerator, out, model, optimizer, scheduler, loader, state.step, resume_cfg, t)
     progress.close()
     keys_log.close()
 
-    accelerator.save_state()
+    save(accelerator, out, model, optimizer, scheduler, loader, state.step, resume_cfg, t)
     accelerator.wait_for_everyone()
     _write_rank_report(out, accelerator, model, state.step)
     if accelerator.is_main_process:
@@ -298,12 +330,32 @@ def _open_history(out: Path, step: int, main: bool):
     path = out / "losses.jsonl"
     if not main:
         return open(os.devnull, "w")
-    kept = []
-    if step and path.is_file():
-        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    kept = _lines_up_to(path, step, lambda ln: json.loads(ln)["step"]) if step else []
     f = open(path, "w")
     f.write("".join(ln + "\n" for ln in kept))
     return f
+
+
+def _lines_up_to(path: Path, step: int, step_of) -> list[str]:
+    """Lines of a per-step log with step <= ``step``.  A line that does not
+    parse (the half-written last line of a killed run) is dropped with a
+    warning instead of stopping the resume."""
+    if not path.is_file():
+        return []
+    kept, dropped = [], 0
+    for ln in path.read_text(errors="replace").splitlines():
+        if not ln:
+            continue
+        try:
+            s = step_of(ln)
+        except (ValueError, KeyError, TypeError, IndexError):
+            dropped += 1
+            continue
+        if isinstance(s, int) and s <= step:
+            kept.append(ln)
+    if dropped:
+        log.warning("%s: dropped %d unreadable line(s) (a run killed while writing it)", path, dropped)
+    return kept
 
 
 def _open_keys_log(out: Path, rank: int, step: int):
@@ -311,9 +363,7 @@ def _open_keys_log(out: Path, rank: int, step: int):
     rank trained on (audit trail for the no-duplicate / full-coverage checks)."""
     path = out / "ranks" / f"keys_rank{rank}.tsv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    kept = []
-    if step and path.is_file():
-        kept = [ln for ln in path.read_text().splitlines() if ln and int(ln.split("\t")[0]) <= step]
+    kept = _lines_up_to(path, step, lambda ln: int(ln.split("\t")[0])) if step else []
     f = open(path, "w")
     f.write("".join(ln + "\n" for ln in kept))
     return f

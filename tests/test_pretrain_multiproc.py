@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,19 @@ def test_two_processes_share_the_epoch_and_the_oim_tables(world, tmp_path):
     assert len(every_key) == 14 and set(union) <= every_key
     plan = D.equalize(D.epoch_plan(src, D.dataset_weights(src, None), seed=0, epoch=0), 2, 2, "drop")
     assert sorted(union) == sorted(D.plan_keys(reader, plan))          # the union is exactly the epoch
+
+    # the checkpoint holds every rank's RNG state; resuming in 2 processes continues, in 1 is refused
+    ckpt = out / "checkpoints" / "checkpoint_0"
+    assert {p.name for p in ckpt.glob("rng_*.safetensors")} == {"rng_0.safetensors", "rng_1.safetensors"}
+    single = subprocess.run([sys.executable] + pretrain_args(world, out, 4) + ["--resume"], capture_output=True,
+                            text=True, env=run_env(), timeout=120)
+    assert single.returncode == 2 and "world_size: 2 -> 1" in single.stderr, single.stderr[-2000:]
+    proc = subprocess.run(launch_args(free_port()) + pretrain_args(world, out, 4) + ["--resume"],
+                          capture_output=True, text=True, env=env(), timeout=360)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "checkpoint_0 at step 3" in proc.stdout + proc.stderr
+    reports = rank_reports(out)
+    assert all(r["steps"] == 4 for r in reports) and reports[0]["params_sha256"] == reports[1]["params_sha256"]
 
 
 @pytest.mark.timeout(400)

@@ -7,6 +7,7 @@ threads of tiny tensors mostly wait on each other (measured 3x slower).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -230,8 +231,9 @@ def test_run_directory_outputs(uninterrupted, world):
     assert ckpts == ["checkpoint_0", "checkpoint_1"]
     ck = load_file(str(run / "checkpoints" / "checkpoint_1" / "model.safetensors"))
     assert any(k.endswith("reid_loss.lut") for k in ck)                   # OIM buffers are checkpointed
-    loader_state = torch.load(run / "checkpoints" / "checkpoint_1" / "custom_checkpoint_0.pkl", weights_only=False)
-    assert loader_state["consumed"] == 4 and loader_state["epoch"] == 0
+    state = json.loads((run / "checkpoints" / "checkpoint_1" / "state.json").read_text())
+    assert state["step"] == 4 and state["loader"]["consumed"] == 4 and state["loader"]["epoch"] == 0
+    assert not list((run / "checkpoints").rglob("*.pkl")) and not list((run / "checkpoints").rglob("*.bin"))
 
 
 @pytest.mark.slow
@@ -240,13 +242,12 @@ def test_kill_and_resume_reproduces_the_trajectory(uninterrupted, world, tmp_pat
     out = tmp_path / "killed"
     proc = subprocess.Popen(pretrain_cmd(world, out, 50, "train.save_every=2"), env=run_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = out / "checkpoints" / "checkpoint_0" / "custom_checkpoint_1.pkl"
+    done = out / "checkpoints" / "checkpoint_0" / "COMPLETE.json"       # written last, then renamed into place
     deadline = time.time() + 240
     try:
         while not done.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.2)
         assert done.exists(), "no checkpoint before the deadline"
-        time.sleep(0.5)                 # let save_state finish writing the folder
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -344,8 +345,10 @@ def test_intra_task_alignment_scopes_follow_the_manifest_tasks():
     assert cfg.model.num_pids == 50
     everything = resolve_for_data(load_config("pretrain/configs/tiny.yaml", ["hybrid.align_scope=all"]), source)
     assert everything.hybrid.det_domains is None and everything.hybrid.reid_domains is None
+    with pytest.raises(ConfigError, match="align_scope"):      # refused at load time now
+        load_config("pretrain/configs/tiny.yaml", ["hybrid.align_scope=bogus"])
     with pytest.raises(TrainError, match="align_scope"):
-        resolve_for_data(load_config("pretrain/configs/tiny.yaml", ["hybrid.align_scope=bogus"]), source)
+        resolve_for_data(dataclasses.replace(cfg, hybrid=dataclasses.replace(cfg.hybrid, align_scope="bogus")), source)
 
 
 def test_logged_means_leave_out_undefined_monitors():
