@@ -40,14 +40,14 @@ def randomised(sd, seed):
             out[k] = torch.randint(1, 1000, v.shape, generator=g, dtype=v.dtype)
         elif v.dim() > 1 and k.startswith(("rpn.", "roi_heads.box_predictor.", "roi_heads.embedding_head.")):
             out[k] = 0.01 * torch.randn(v.shape, generator=g)     # heads: N(0, 0.01) as NAE inits them
-        elif v.dim() > 1:
-            out[k] = torch.randn(v.shape, generator=g) * (2.0 / max(1, v[0].numel())) ** 0.5
+        elif v.dim() > 1:   # torchvision's kaiming_normal_(fan_out), another draw
+            out[k] = torch.randn(v.shape, generator=g) * (2.0 / (v.shape[0] * v[0, 0].numel())) ** 0.5
         elif k.endswith("running_var"):
-            out[k] = 0.5 + torch.rand(v.shape, generator=g)
+            out[k] = 1 + 0.01 * torch.rand(v.shape, generator=g)
         elif k.endswith("weight"):
-            out[k] = 1 + 0.1 * torch.randn(v.shape, generator=g)
+            out[k] = 1 + 0.01 * torch.randn(v.shape, generator=g)
         else:
-            out[k] = 0.1 * torch.randn(v.shape, generator=g)
+            out[k] = 0.01 * torch.randn(v.shape, generator=g)
     return out
 
 

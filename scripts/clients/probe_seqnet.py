@@ -43,7 +43,7 @@ for name in files:
         epoch = resume_from_ckpt(path, model)        # the client's own loading call
     except Exception as exc:                         # torch 1.2 on a zip file: its own error
         result("SeqNet (%s)" % name, VERSION, "resume_from_ckpt(FILE, model)", (0, len(model.state_dict()), 0),
-               "no", "load failed: %s" % str(exc).splitlines()[0][:90])
+               "no", "load failed: %s" % str(exc).splitlines()[0].replace(path, "FILE")[:80])
         continue
     file_sd = torch.load(path)["model"]
     counts = count(model.state_dict(), file_sd, rename=rpn_names(model.state_dict().keys()))
