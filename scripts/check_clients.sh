@@ -57,7 +57,7 @@ setup_pydeps() {
     "$PROJECT_PY" -m pip install -q --target "$DIR/pydeps" --no-deps fvcore==0.1.5.post20221221 iopath==0.1.10 \
         omegaconf antlr4-python3-runtime==4.9.3 yacs termcolor portalocker tabulate >"$LOG/pydeps.log" 2>&1 &&
     "$PROJECT_PY" -m pip install -q --target "$DIR/pydeps" --no-deps --only-binary :all: pycocotools \
-        >>"$LOG/pydeps.log" 2>&1 && touch "$DIR/pydeps/.ok"
+        >>"$LOG/pydeps.log" 2>&1 && touch "$DIR/pydeps/.ok" || { echo "pip failed, see $LOG/pydeps.log"; return 1; }
 }
 
 setup_seqnet37() {
@@ -99,11 +99,12 @@ setup_psvis38() {
         { echo "pip install psvis failed, see $LOG/psvis38.log"; return 1; }
 }
 
-declare -A WHY
-for env in pydeps seqnet37 nae27 psvis38; do
-    WHY[$env]="$(setup_$env 2>&1 | tail -1)"; [ -z "${WHY[$env]}" ] || say "$env: ${WHY[$env]}"
+setup_alignps38() { setup_mmcv38 alignps38 1.1.6 terminaltables; }
+
+declare -A WHY   # env -> why it could not be built (empty: ready)
+for env in pydeps seqnet37 nae27 psvis38 alignps38; do
+    if msg="$(setup_$env)"; then WHY[$env]=""; else WHY[$env]="${msg:-setup failed, see $LOG}"; say "$env: ${WHY[$env]}"; fi
 done
-WHY[alignps38]="$(setup_mmcv38 alignps38 1.1.6 terminaltables 2>&1 | tail -1)"
 [ "${1:-}" = "--setup" ] && exit 0
 
 # ------------------------------------------------------------------ exports
