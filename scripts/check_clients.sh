@@ -19,6 +19,7 @@
 #   CLIENT_SRC_SEQNET      serend1p1ty/SeqNet          [edec285]
 #   CLIENT_SRC_NAE4PS      DeanChan/NAE4PS             [ec43d1e]
 #   CLIENT_SRC_ALIGNPS     daodaofr/AlignPS            [5d62dbc]
+#   CLIENT_SRC_DIFFUSIONDET ShoufaChen/DiffusionDet    [1efb36d]  (optional: PSDiff's code is unpublished)
 # (default: $HYBRIDPS_CLIENTS_DIR/src/<owner>+<name>).  A client whose interpreter, source tree or
 # packages cannot be had is skipped with the reason, and the table says so.
 set -uo pipefail
@@ -30,6 +31,7 @@ SRC_D2="${CLIENT_SRC_DETECTRON2:-$DIR/src/facebookresearch+detectron2}"
 SRC_SEQNET="${CLIENT_SRC_SEQNET:-$DIR/src/serend1p1ty+SeqNet}"
 SRC_NAE="${CLIENT_SRC_NAE4PS:-$DIR/src/DeanChan+NAE4PS}"
 SRC_ALIGNPS="${CLIENT_SRC_ALIGNPS:-$DIR/src/daodaofr+AlignPS}"
+SRC_DIFFDET="${CLIENT_SRC_DIFFUSIONDET:-$DIR/src/ShoufaChen+DiffusionDet}"
 EXPORTS="$DIR/exports"
 LOG="$DIR/logs"
 TODAY="$(date -u +%Y-%m-%d)"
@@ -130,7 +132,10 @@ run timm-torchvision env PYTHONPATH="$ROOT" "$PROJECT_PY" "$HERE/probe_timm_torc
 
 if [ ! -d "$SRC_D2/detectron2" ]; then skip detectron2 "source tree not found at $SRC_D2 (set CLIENT_SRC_DETECTRON2)"
 elif [ -n "${WHY[pydeps]}" ]; then skip detectron2 "${WHY[pydeps]}"
-else run detectron2 env PYTHONPATH="$DIR/pydeps" "$PROJECT_PY" "$HERE/probe_detectron2.py" "$SRC_D2" "$EXPORTS"; fi
+else
+    [ -d "$SRC_DIFFDET/diffusiondet" ] || { skip DiffusionDet "source tree not found at $SRC_DIFFDET (set CLIENT_SRC_DIFFUSIONDET)"; SRC_DIFFDET=""; }
+    run detectron2 env PYTHONPATH="$DIR/pydeps" "$PROJECT_PY" "$HERE/probe_detectron2.py" "$SRC_D2" "$EXPORTS" $SRC_DIFFDET
+fi
 
 if [ ! -f "$SRC_SEQNET/models/seqnet.py" ]; then skip SeqNet "source tree not found at $SRC_SEQNET (set CLIENT_SRC_SEQNET)"
 else
