@@ -176,6 +176,8 @@ def client_checks(target: Target, arch: str, canon: Mapping[str, object],
         if not force:
             raise ClientMismatchError(msg + "; pass --force only if you patched the client to build " + arch)
         notes.append("WARNING (--force): " + msg)
+    if fresh_rpn and not target.anchor_sizes:
+        raise ClientMismatchError(f"--fresh-rpn only applies to nae/seqnet, not {target.name}")
     has_rpn = any(str(k).startswith("rpn.head.") for k in canon)
     if not target.anchor_sizes or not has_rpn or fresh_rpn:
         if target.anchor_sizes and has_rpn and fresh_rpn:

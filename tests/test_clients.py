@@ -146,6 +146,8 @@ def test_legacy_container_with_new_rpn_names_is_refused(tmp_path, r50, capsys):
     assert zipfile.is_zipfile(res.out) and any("torch >= 1.6 only" in n for n in res.report.notes)
     with pytest.raises(ClientMismatchError, match="only applies to nae/seqnet"):
         convert(run, "psvis", tmp_path / "p.pth", legacy_rpn=True)
+    with pytest.raises(ClientMismatchError, match="only applies to nae/seqnet"):
+        convert(run, "psvis", tmp_path / "p.pth", fresh_rpn=True)
 
 
 # ------------------------------------------------------------------ 3. psvis usage line
