@@ -83,7 +83,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                   min_fraction=args.min_fraction, num_pids=args.num_pids, cq_size=args.cq_size,
                   with_fc=args.with_fc, source_style=args.source_style, legacy_rpn=args.legacy_rpn,
                   legacy_format=args.legacy_format, seed=args.seed, layout=args.layout,
-                  cache=args.cache, offline=args.offline)
+                  cache=args.cache, offline=args.offline, fresh_rpn=args.fresh_rpn)
     print(res.report.text())
     print(f"\nwrote {res.out} ({res.target}, {res.arch})")
     print(f"use it with:\n    {res.config}")
@@ -162,17 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("source", help="registry name, weight file or pre-training run directory")
     sp.add_argument("--to", required=True, choices=sorted(TARGETS))
     sp.add_argument("--out", required=True)
-    sp.add_argument("--force", action="store_true", help="write despite a caffe/pytorch style mismatch")
+    sp.add_argument("--force", action="store_true",
+                    help="write despite a caffe/pytorch style mismatch, or what the target's client hard-wires "
+                         "(nae/seqnet: ResNet-50, RPN anchors)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     sp.add_argument("--num-pids", type=int, default=5532, help="OIM LUT size (CUHK-SYSU 5532, PRW 482)")
     sp.add_argument("--cq-size", type=int, default=5000, help="OIM circular queue size (CUHK-SYSU 5000, PRW 500)")
     sp.add_argument("--with-fc", action="store_true", help="torchvision/timm: include the fc classifier")
     sp.add_argument("--source-style", choices=("pytorch", "caffe"), help="declare the source's ResNet style")
     sp.add_argument("--layout", help=f"source layout, skip auto-detection ({', '.join(sorted(set(LAYOUTS) | set(ALIASES)))})")
-    sp.add_argument("--legacy-rpn", action="store_true",
-                    help="nae/seqnet: torchvision<0.13 RPN names rpn.head.conv.* (SeqNet/NAE pins)")
-    sp.add_argument("--legacy-format", action="store_true",
-                    help="torch.save without the zip format (readable by torch<1.6)")
+    # nae/seqnet default to both legacy choices: what torch 1.2 / torchvision 0.4 and current torch all read
+    sp.add_argument("--legacy-rpn", action=argparse.BooleanOptionalAction, default=None,
+                    help="nae/seqnet: torchvision<0.13 RPN names rpn.head.conv.* (default for nae/seqnet)")
+    sp.add_argument("--legacy-format", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.save without the zip format, readable by torch<1.6 and current torch "
+                         "(default for nae/seqnet)")
+    sp.add_argument("--fresh-rpn", action="store_true",
+                    help="nae/seqnet: do not copy the source RPN (e.g. trained for other anchor sizes)")
     sp.add_argument("--min-fraction", type=float, default=DEFAULT_MIN_FRACTION,
                     help="refuse when fewer of the target's keys are matched")
     sp.add_argument("--seed", type=int, default=0, help="seed for freshly initialised heads")

@@ -20,7 +20,8 @@ from .layouts.base import detect_arch_canonical
 from .report import DEFAULT_MIN_FRACTION, Report
 from .safe_load import load_checkpoint
 from .style import STYLES, check_style
-from .targets import Target, config_line, get_target
+from .targets import Target, client_checks, config_line, container_note, container_options, get_target, \
+    source_anchors
 from .writers import write
 
 RUN_DIR_FILES = ("model.safetensors", "backbone.safetensors")
@@ -165,10 +166,16 @@ def _combined_report(src: SourceWeights, canon: Conversion, out: Conversion, tar
 def convert(source: str | Path, target_name: str, out: str | Path, *, force: bool = False,
             overwrite: bool = False, min_fraction: float = DEFAULT_MIN_FRACTION, num_pids: int = 5532,
             cq_size: int = 5000, with_fc: bool = False, source_style: str | None = None,
-            legacy_rpn: bool = False, legacy_format: bool = False, seed: int = 0, layout: str | None = None,
-            cache: str | Path | None = None, offline: bool | None = None) -> Result:
-    """Convert ``source`` into ``target_name``'s file at ``out``; raises before writing anything bad."""
+            legacy_rpn: bool | None = None, legacy_format: bool | None = None, seed: int = 0,
+            layout: str | None = None, cache: str | Path | None = None, offline: bool | None = None,
+            fresh_rpn: bool = False) -> Result:
+    """Convert ``source`` into ``target_name``'s file at ``out``; raises before writing anything bad.
+
+    ``legacy_rpn`` / ``legacy_format`` None: what the target's real client reads (nae/seqnet:
+    both legacy).  ``fresh_rpn``: leave the RPN at the target's own init.
+    """
     target = get_target(target_name)
+    legacy_rpn, legacy_format = container_options(target, legacy_rpn, legacy_format)
     out = Path(out)
     _check_suffix(target, out)
     if out.exists() and not overwrite:
@@ -183,6 +190,13 @@ def convert(source: str | Path, target_name: str, out: str | Path, *, force: boo
                               f"an empty file.\n{canon.report(src.description).text()}")
     arch = detect_arch_canonical(canon.state_dict)
     notes = check_style(style, target.style, target.name, target.style_fix, force) if archs.is_resnet(arch) else []
+    # what the target's real code would reject or misuse (clients.md): refused unless --force
+    notes += client_checks(target, arch, canon.state_dict, source_anchors(src.metadata, source),
+                           force=force, fresh_rpn=fresh_rpn)
+    if fresh_rpn and target.anchor_sizes:
+        dropped = [k for k in canon.state_dict if k.startswith("rpn.")]
+        canon.state_dict = {k: v for k, v in canon.state_dict.items() if k not in dropped}
+        canon.unused.extend(canon.source_of.get(k) or k for k in dropped)
     conv = export(canon, target, arch, num_pids=num_pids, cq_size=cq_size, with_fc=with_fc,
                   legacy_rpn=legacy_rpn, seed=seed)
     rep = _combined_report(src, canon, conv, target)
@@ -196,6 +210,8 @@ def convert(source: str | Path, target_name: str, out: str | Path, *, force: boo
     if target.container == "state_dict" and out.suffix != ".safetensors":
         rep.notes.append("a plain .pth state_dict has no room for metadata (style is recorded only in "
                          ".safetensors / mmcv 'meta' / full-model 'meta'); use --out *.safetensors to keep it")
+    if (note := container_note(target, legacy_rpn, legacy_format)) is not None:
+        rep.notes.append(note)
     write(target.container, conv.state_dict, out, meta, legacy_format=legacy_format)
     return Result(out, target.name, arch, rep, config_line(target, str(out), arch, style, num_pids, cq_size))
 

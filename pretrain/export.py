@@ -51,7 +51,10 @@ def export_run(hybrid: torch.nn.Module, cfg: PretrainConfig, source, out: Path, 
     # as the checkpoints package reads them), so a file copied out of the run
     # directory still says how it must be fed.
     provenance = {"style": "pytorch", "channels": "RGB", "arch": json.dumps(cfg.model.backbone),
-                  "mean": json.dumps(list(cfg.model.image_mean)), "std": json.dumps(list(cfg.model.image_std))}
+                  "mean": json.dumps(list(cfg.model.image_mean)), "std": json.dumps(list(cfg.model.image_std)),
+                  # the RPN's anchors: checkpoints refuses to hand it to a client that generates others
+                  "anchor_sizes": json.dumps(list(cfg.model.anchor_sizes)),
+                  "aspect_ratios": json.dumps(list(cfg.model.aspect_ratios))}
     # each file appears whole or not at all (a kill mid-export leaves no half-written
     # weights for finetune to pick up); meta.json, written last, marks a finished export
     _atomic(out / "model.safetensors", lambda p: save_file(

@@ -86,7 +86,8 @@ def test_list(capsys):
 def test_run_dir_to_nae_carries_heads_and_sizes_the_oim(run_dir, tmp_path, capsys):
     out = tmp_path / "nae_prw.pth"
     assert cli.main(["convert", str(run_dir), "--to", "nae", "--out", str(out), "--num-pids", "482",
-                     "--cq-size", "500", "--report-json", str(tmp_path / "r.json")]) == 0
+                     "--cq-size", "500", "--report-json", str(tmp_path / "r.json"),
+                     "--force"]) == 0   # a resnet18 run: NAE4PS itself builds resnet50 (test_clients.py)
     text = capsys.readouterr().out
     assert "model.load_state_dict" in text
     ck = torch.load(out, weights_only=True)
@@ -112,7 +113,7 @@ def test_add_run_dir_then_convert_by_name(run_dir, tmp_path, capsys):
     assert cli.main(["add", "my-run", str(run_dir)]) == 0
     e = registry.get("my-run")
     assert e.arch == "resnet18" and e.layout == "hybridps" and e.style == "pytorch"
-    assert cli.main(["convert", "my-run", "--to", "seqnet", "--out", str(tmp_path / "s.pth")]) == 0
+    assert cli.main(["convert", "my-run", "--to", "seqnet", "--out", str(tmp_path / "s.pth"), "--force"]) == 0
     assert "reid_head.layer4 is a copy" in capsys.readouterr().out
 
 
@@ -179,10 +180,10 @@ def test_min_fraction_threshold_and_legacy_outputs(tmp_path, r18, capsys):
     out = tmp_path / "nae.pth"
     # a bare backbone fills ~90 % of NAE's keys; the rest are fresh heads
     assert cli.main(["convert", str(tmp_path / "tv.pth"), "--to", "nae", "--out", str(out),
-                     "--min-fraction", "0.95"]) == 2
+                     "--min-fraction", "0.95", "--force"]) == 2
     assert "threshold 95%" in capsys.readouterr().err and not out.exists()
     assert cli.main(["convert", str(tmp_path / "tv.pth"), "--to", "nae", "--out", str(out),
-                     "--legacy-rpn", "--legacy-format"]) == 0
+                     "--legacy-rpn", "--legacy-format", "--force"]) == 0
     assert not zipfile.is_zipfile(out)
     sd = torch.load(out, weights_only=True)["model"]
     assert "rpn.head.conv.weight" in sd and "rpn.head.conv.0.0.weight" not in sd

@@ -1,4 +1,11 @@
-"""detectron2 / DiffusionDet / PSDiff: ``.pkl`` with ``backbone.bottom_up.*`` numpy arrays.
+"""detectron2 / DiffusionDet / PSDiff: ``.pkl`` with detectron2's relative ResNet names.
+
+Written names are relative (``stem.*``, ``res2.*``..``res5.*``), as detectron2's own
+``tools/convert-torchvision-to-d2.py`` writes them: ``DetectionCheckpointer`` matches a
+file key to every model key that *ends* with it, so relative names land in C4 models
+(``backbone.stem``, ``backbone.res2-4``, ``roi_heads.res5``) and FPN models
+(``backbone.bottom_up.*``, DiffusionDet/PSDiff) alike.  A ``backbone.bottom_up.`` prefix
+would only ever match FPN models: a C4 model got 0 weights and one warning.
 
 Rename rule (detectron2 ``tools/convert-torchvision-to-d2.py``): ``stem.`` for
 the stem, ``layer{t}`` -> ``res{t+1}``, ``bn{t}`` -> ``conv{t}.norm``,
@@ -18,11 +25,13 @@ from .. import arch as archs
 from .base import Conversion, backbone_to_canonical, backbone_view, mark_unused
 
 NAME = "detectron2"
-DESCRIPTION = "detectron2/DiffusionDet/PSDiff .pkl {'model': {backbone.bottom_up.*: ndarray}, '__author__', 'matching_heuristics'}"
-PREFIX = "backbone.bottom_up."
-UNINITIALISED_NOTE = ("only backbone.bottom_up (the ResNet) transfers: the FPN (backbone.fpn_lateral2-5, "
-                      "fpn_output2-5) and the whole diffusion head (head.*) stay UNINITIALISED by this file "
-                      "and keep the target's own random init")
+DESCRIPTION = ("detectron2/DiffusionDet/PSDiff .pkl {'model': {stem.*, res2-5.*: ndarray}, '__author__', "
+               "'matching_heuristics'}")
+PREFIX = "backbone.bottom_up."     # FPN models' prefix (read, never written)
+UNINITIALISED_NOTE = ("only the ResNet (stem, res2-res5) transfers: detectron2 matches these relative names into "
+                      "backbone.bottom_up.* (FPN, DiffusionDet/PSDiff) or backbone.* + roi_heads.res5.* (C4); "
+                      "an FPN's fpn_lateral/fpn_output, the RPN, the box head and a diffusion head (head.*) "
+                      "stay UNINITIALISED by this file and keep the target's own random init")
 
 
 def detect(keys: set[str]) -> bool:
@@ -82,7 +91,7 @@ def to_canonical(sd: Mapping[str, torch.Tensor]) -> Conversion:
 
 
 def from_canonical(canon: Mapping[str, torch.Tensor], arch: str, **_: object) -> Conversion:
-    """Canonical -> ``backbone.bottom_up.*`` (one copy of each weight, no num_batches_tracked)."""
+    """Canonical -> relative ``stem.*`` / ``res{2..5}.*`` (one copy of each weight, no num_batches_tracked)."""
     if not archs.is_resnet(arch):
         raise ValueError(f"detectron2 targets need a ResNet backbone, not {arch}")
     view = backbone_view(canon)
@@ -91,9 +100,9 @@ def from_canonical(canon: Mapping[str, torch.Tensor], arch: str, **_: object) ->
         if key.endswith("num_batches_tracked"):
             continue
         if key in view:
-            conv.put(PREFIX + to_d2(key), canon[view[key]], view[key])
+            conv.put(to_d2(key), canon[view[key]], view[key])
         else:
-            conv.missing.append(PREFIX + to_d2(key))
+            conv.missing.append(to_d2(key))
     conv.notes.append(UNINITIALISED_NOTE)
     conv.notes.append("num_batches_tracked not written: detectron2's FrozenBN has no such buffer")
     # deliberately dropped, and said so above: not reported as unexpected
