@@ -39,6 +39,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from data_prep.build.files import fsync_dir
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE.json"
@@ -84,19 +86,6 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path.name}: unreadable {what} ({e})") from None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fault(point: str, step: int) -> None:
@@ -327,11 +316,11 @@ def save_checkpoint(accelerator, out: Path, number: int, model, optimizer, sched
         # read back what landed on disk: the hashes describe the bytes a resume will see
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         _write_json(tmp / COMPLETE, {"format": FORMAT, "step": step, "files": files})
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():        # an incomplete leftover of the same number (numbers only grow)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         _fault("checkpoint_renamed", step)
         _prune(out, final, total_limit)
     accelerator.wait_for_everyone()
