@@ -18,7 +18,7 @@ from .. import manifest as mf
 from ..imageio import ImageError
 from .encode import Dropped, EncodeSettings, Job, Sample, init_worker, reload_passthrough, run_job
 from .files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json
-from .options import BuildError, BuildOptions, fingerprint
+from .options import MAX_CANVAS_SIDE, BuildError, BuildOptions, fingerprint
 from .plan import (DatasetPlan, SplitPlan, StrictSkip, check_sources, load_module, plan_build, resolve_splits,
                    strict_message, subset_file_name)
 from .shards import JOURNAL_NAME, Counts, Journal, ShardEntry, ShardSink, SplitProgress, shard_name
@@ -359,6 +359,11 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> dict:
         raise BuildError(f"--shard-size must be >= 1, got {opts.shard_size}")
     if not 1 <= opts.jpeg_quality <= 100:
         raise BuildError(f"--jpeg-quality must be in 1..100, got {opts.jpeg_quality}")
+    if not 1 <= opts.max_pixels <= 1 << 40:
+        raise BuildError(f"--max-pixels must be in 1..2**40, got {opts.max_pixels}")
+    w, h = opts.canvas.size
+    if not (1 <= w <= MAX_CANVAS_SIDE and 1 <= h <= MAX_CANVAS_SIDE):
+        raise BuildError(f"--canvas-size {w}x{h}: each side must be in 1..{MAX_CANVAS_SIDE}")
     check_sources(opts)
     splits = resolve_splits(opts)
     spec = opts.output_spec(splits)
@@ -383,7 +388,8 @@ def _run_locked(opts: BuildOptions, out: Path, splits, spec: dict, fp: str, log)
     progress = {(ds.name, sp.split): resume_split(out, journals[ds.name], sp, log) for ds in datasets for sp in ds.splits}
     todo = sum(0 if progress[(ds.name, sp.split)].done else len(sp.records) - start_index(progress[(ds.name, sp.split)])
                for ds in datasets for sp in ds.splits)
-    settings = EncodeSettings(opts.jpeg_quality, opts.canvas, opts.seed, ship_passthrough=opts.workers <= 1)
+    settings = EncodeSettings(opts.jpeg_quality, opts.canvas, opts.seed, ship_passthrough=opts.workers <= 1,
+                              max_pixels=opts.max_pixels, verify_decode=opts.verify_decode)
     stall = _Stall()
     with job_runner(opts.workers, settings) as run, tqdm(
         total=todo, unit="img", file=sys.stderr, disable=not opts.progress, mininterval=0.5, desc="images"

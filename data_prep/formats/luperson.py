@@ -375,6 +375,8 @@ def _read_size(entry: _Entry) -> tuple[int, int] | Skip:
         data = entry.image.path  # PIL reads only the header from a path
     try:
         return _image_size(data)
+    except Image.DecompressionBombError as e:
+        return Skip(NAME, "", "too_large_image", entry.source, str(e))
     except Exception as e:  # PIL raises several types for garbage
         return Skip(NAME, "", "corrupt_image", entry.source, str(e))
 
