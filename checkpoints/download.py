@@ -246,7 +246,12 @@ def hf_download(repo: str, filename: str, *, revision: str = "main", cache: str 
 
 def _url_cache_path(url: str, cache: str | Path | None, filename: str) -> Path:
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    return cache_root(cache) / "url" / digest / filename
+    folder = cache_root(cache) / "url" / digest
+    # the registry refuses such names already; this guards entries built in code
+    if not filename or Path(filename).name != filename or filename in (".", ".."):
+        raise DownloadError(f"{filename!r}: refusing a download file name that is not a plain name "
+                            f"inside the cache {folder}")
+    return folder / filename
 
 
 def fetch(entry: Entry, *, cache: str | Path | None = None, offline: bool | None = None,

@@ -55,14 +55,16 @@ def user_registry_path() -> Path:
 
 def _parse(path: Path, origin: str) -> list[Entry]:
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RegistryError(f"{path}: not valid JSON ({exc})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise RegistryError(f"{path}: not valid JSON ({type(exc).__name__}: {exc})") from None
     raw = data.get("entries") if isinstance(data, dict) else None
     if not isinstance(raw, list):
         raise RegistryError(f"{path}: expected {{\"entries\": [...]}}")
     entries = []
     for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise RegistryError(f"{path}: entry {i}: expected an object, got {type(item).__name__}")
         try:
             entry = Entry(**item, origin=origin)
         except TypeError as exc:
@@ -72,7 +74,28 @@ def _parse(path: Path, origin: str) -> list[Entry]:
     return entries
 
 
+def _check_file_name(name: Any, where: str, folders: bool = False) -> None:
+    """``file`` becomes a path under the download cache: it must stay there.
+
+    A hub file may sit in a folder of its repository (``folders``), but no part
+    of it may climb out (``..``) or start at the root."""
+    parts = name.replace("\\", "/").split("/") if isinstance(name, str) else []
+    if not isinstance(name, str) or not name or "\0" in name or name.startswith(("/", "\\", "~")) \
+            or Path(name).is_absolute() or any(p in ("", ".", "..") for p in parts) \
+            or (len(parts) > 1 and not folders):
+        kind = "a relative path inside the repository" if folders else "a plain file name"
+        raise RegistryError(f"{where}: file must be {kind} (no '..', no absolute path), got {name!r}")
+
+
 def _validate(entry: Entry, where: str) -> None:
+    if not isinstance(entry.name, str) or not entry.name:
+        raise RegistryError(f"{where}: name must be a non-empty string")
+    if not isinstance(entry.source, dict):
+        raise RegistryError(f"{where}: source must be an object")
+    hub = entry.source.get("type") == "hf"
+    _check_file_name(entry.file, where, folders=hub)
+    if hub and entry.source.get("file") is not None:
+        _check_file_name(entry.source["file"], f"{where}: source", folders=True)
     kind = entry.source.get("type")
     needs = {"hf": ("repo", "file"), "url": ("url",), "local": ("path",)}
     if kind not in needs:

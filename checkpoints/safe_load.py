@@ -27,7 +27,14 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .bounded import BoundError, check_tree, node_budget
+
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+# torch.save stores zip members uncompressed, so the bytes the members declare
+# add up to about the archive's size.  A member declaring gigabytes inside a
+# 2 MB archive (deflated zeros, or a forged header) would be materialised by
+# torch.load before any error: refuse it from the central directory first.
+ZIP_EXPANSION_SLACK = 64 << 20
 # Keys under which training frameworks nest the weights, most specific first.
 CONTAINER_KEYS = ("state_dict", "model", "module")
 
@@ -105,17 +112,45 @@ def _load_pkl(path: Path) -> Any:
             # a torch zip archive that happens to be called .pkl
             return None
         try:
-            return _ArraysOnlyUnpickler(f, encoding="latin1").load()
+            obj = _ArraysOnlyUnpickler(f, encoding="latin1").load()
         except UnsafeFileError:
             raise
         except Exception as exc:  # truncated or garbage bytes
             raise NotAStateDictError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
+    _check_bounded(obj, path)
+    return obj
+
+
+def _check_bounded(obj: Any, path: Path) -> None:
+    """Refuse self-referencing, too deep or exploding containers before any walk of them."""
+    try:
+        check_tree(obj, str(path), max_nodes=node_budget(path.stat().st_size))
+    except BoundError as exc:
+        raise NotAStateDictError(str(exc)) from None
+
+
+def _check_zip_sizes(path: Path) -> None:
+    """Refuse a torch zip whose members declare more bytes than the archive can hold."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as zf:
+            declared = sum(max(0, i.file_size) for i in zf.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise NotAStateDictError(f"{path}: not a readable torch file (damaged zip archive: {exc})") from None
+    if declared > size + ZIP_EXPANSION_SLACK:
+        raise NotAStateDictError(
+            f"{path}: its zip members declare {declared} bytes in a {size}-byte file (torch.save never "
+            "compresses); refusing to expand it")
 
 
 # ------------------------------------------------------------------------- torch
 def _load_torch(path: Path) -> Any:
+    with open(path, "rb") as f:
+        is_zip = f.read(4).startswith(b"PK")
+    if is_zip:
+        _check_zip_sizes(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
         detail = next((ln for ln in first if "Unsupported global" in ln or "GLOBAL" in ln), first[0] if first else "")
@@ -123,8 +158,12 @@ def _load_torch(path: Path) -> Any:
             f"{path}: refusing to load: the pickle references objects other than tensors and plain "
             f"containers ({detail.strip()}). Nothing from it was executed. If you trust the file, "
             "re-save its weights with torch.save(state_dict) in a trusted session.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
-        raise NotAStateDictError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError, KeyError, IndexError,
+            MemoryError, RecursionError, OverflowError) as exc:
+        raise NotAStateDictError(f"{path}: not a readable torch file ({type(exc).__name__}: "
+                                 f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+    _check_bounded(obj, path)
+    return obj
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -144,8 +183,11 @@ def _decode_metadata(meta: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in meta.items():
         try:
-            out[key] = json.loads(value)
-        except (TypeError, ValueError):
+            decoded = json.loads(value)
+            check_tree(decoded, f"metadata {key!r}")
+            out[key] = decoded
+        except (TypeError, ValueError, RecursionError):
+            # not JSON, or JSON nested past any sane depth (json.loads recurses): keep the text
             out[key] = value
     return out
 

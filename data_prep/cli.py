@@ -135,6 +135,7 @@ def cmd_build(args) -> int:
         shard_size=args.shard_size, limits=limits_from(args), canvas=canvas,
         jpeg_quality=args.jpeg_quality, seed=args.seed, format_options=format_options_from(args),
         workers=args.workers, strict=args.strict, overwrite=args.overwrite, progress=not args.quiet,
+        max_pixels=args.max_pixels, verify_decode=args.verify_decode,
     )
     t0 = time.perf_counter()
     try:
@@ -248,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--canvas-fill", choices=("mean", "constant", "replicate"), default="mean")
     b.add_argument("--jpeg-quality", type=int, default=95, metavar="Q", help="for re-encoded PNG/raw/canvas images")
     b.add_argument("--strict", action="store_true", help="fail on the first skipped input")
+    b.add_argument("--max-pixels", type=int, default=64_000_000, metavar="N",
+                   help="skip images whose header says more pixels (too_large_image; default 64 Mpx)")
+    b.add_argument("--verify-decode", action="store_true",
+                   help="fully decode pass-through JPEGs and check their scan data (corrupt_image); off by "
+                        "default: it costs the pass-through speed")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--format-option", action="append", default=[], metavar="NAME:key=value",
                    help="keyword passed to NAME's parser, e.g. ecp:time=day or crowdhuman:box=vbox")

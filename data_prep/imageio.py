@@ -15,6 +15,11 @@ import numpy as np
 
 from .record import ImageRef
 
+# Default for --max-pixels: the largest dataset image (CrowdHuman, ~20 Mpx) fits
+# three times over; a 10 KB JPEG claiming 11000x11000 (121 Mpx, 363 MB decoded)
+# does not.
+MAX_PIXELS = 64_000_000
+
 JPEG_SOI = b"\xff\xd8"
 JPEG_EOI = b"\xff\xd9"
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
@@ -59,8 +64,8 @@ def load_encoded(ref: ImageRef):
                 data = f.read()
         except FileNotFoundError:
             raise ImageError("missing_file", ref.path) from None
-        except OSError as e:  # permission, is-a-directory, ...
-            raise ImageError("missing_file", f"{ref.path}: {e}") from None
+        except OSError as e:  # permission, is-a-directory, I/O error: there, but not readable
+            raise ImageError("unreadable_file", f"{ref.path}: {e.strerror or e}") from None
         return data, sniff_format(data)
     if ref.kind == "lmdb":
         env = _lmdb_env(ref.path)
@@ -93,6 +98,8 @@ def image_size(payload, fmt: str) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(payload)) as im:
             return int(im.width), int(im.height)
+    except Image.DecompressionBombError as e:
+        raise ImageError("too_large_image", str(e)) from None
     except Exception as e:  # PIL raises several types for garbage
         raise ImageError("corrupt_image", str(e)) from None
 
@@ -108,6 +115,11 @@ def header_size(path) -> tuple[int, int]:
             return int(im.width), int(im.height)
     except FileNotFoundError:
         raise ImageError("missing_file", str(path)) from None
+    except PermissionError as e:
+        # not a dataset fault: reported as what it is, never as a missing file
+        raise ImageError("unreadable_file", f"{path}: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError("too_large_image", f"{path}: {e}") from None
     except Exception as e:  # PIL raises several types for unreadable headers
         raise ImageError("corrupt_image", f"{path}: {e}") from None
 
@@ -137,15 +149,95 @@ def encode_jpeg(img: np.ndarray, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def decode_rgb(payload, fmt: str) -> np.ndarray:
-    """Full decode to HxWx3 uint8 RGB; raises ImageError('corrupt_image')."""
+def check_pixels(width: int, height: int, max_pixels: int = MAX_PIXELS, what: str = "") -> None:
+    """Refuse from the header, before a decode allocates width*height*3 bytes."""
+    if width * height > max_pixels:
+        raise ImageError("too_large_image", f"{what}{width}x{height} = {width * height} pixels > "
+                                            f"--max-pixels {max_pixels}")
+
+
+def _to_rgb8(im) -> np.ndarray:
+    """HxWx3 uint8.  16-bit greyscale (PNG ``I;16``, or ``I`` holding 0..65535)
+    is scaled to 8 bit: PIL's ``convert("RGB")`` clips it, which turns every
+    value above 255 -- nearly the whole image -- into white."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.int64) if im.mode == "I" else np.asarray(im).astype(np.int64)
+        arr = (np.clip(arr, 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
+        hi = float(arr.max()) if arr.size else 0.0
+        arr = np.clip(arr / hi * 255.0 if hi > 255 else arr, 0, 255).astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
+def decode_rgb(payload, fmt: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Full decode to HxWx3 uint8 RGB; raises ImageError('corrupt_image' or 'too_large_image')."""
     if fmt == "raw":
         return payload
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(payload)) as im:
+            check_pixels(im.width, im.height, max_pixels)
             im.load()
-            return np.asarray(im.convert("RGB"))
+            return _to_rgb8(im)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError("too_large_image", str(e)) from None
     except Exception as e:
         raise ImageError("corrupt_image", str(e)) from None
+
+
+_RST = frozenset(range(0xD0, 0xD8))
+
+
+def check_jpeg_scan(data: bytes) -> None:
+    """Entropy-coded data may only hold ``FF 00`` (a stuffed byte) or restart
+    markers ``FF D0..D7`` in cyclic order; anything else inside a scan is
+    corruption that PIL decodes silently into grey or shifted blocks."""
+    i, n = 2, len(data)
+    while i + 2 <= n:
+        if data[i] != 0xFF:
+            raise ImageError("corrupt_image", f"JPEG: byte {i} is not a marker")
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker == 0xD9:
+            return
+        if i + 4 > n:
+            break
+        seg = int.from_bytes(data[i + 2:i + 4], "big")
+        if seg < 2:
+            raise ImageError("corrupt_image", f"JPEG: bad segment length at byte {i}")
+        i += 2 + seg
+        if marker != 0xDA:
+            continue
+        expected_rst = 0xD0
+        while True:                       # walk the entropy-coded data of this scan
+            j = data.find(b"\xff", i)
+            if j < 0 or j + 1 >= n:
+                raise ImageError("corrupt_image", "JPEG: scan data runs to the end of the file")
+            nxt = data[j + 1]
+            if nxt == 0x00 or nxt == 0xFF:
+                i = j + (2 if nxt == 0x00 else 1)
+                continue
+            if nxt in _RST:
+                if nxt != expected_rst:
+                    raise ImageError("corrupt_image", f"JPEG: restart marker out of order at byte {j}")
+                expected_rst = 0xD0 + (expected_rst - 0xD0 + 1) % 8
+                i = j + 2
+                continue
+            i = j                          # the next marker segment (or EOI)
+            break
+    raise ImageError("corrupt_image", "JPEG: no EOI after the last scan")
+
+
+def verify_jpeg_decode(data: bytes) -> None:
+    """The ``--verify-decode`` check of a pass-through JPEG: scan structure,
+    then a full decode."""
+    check_jpeg_scan(data)
+    decode_rgb(data, "jpeg", max_pixels=1 << 62)

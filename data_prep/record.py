@@ -23,7 +23,14 @@ SKIP_REASONS = (
     "unknown_class",         # an object class the dataset format does not define
     "junk_id",               # re-ID junk / distractor ids (Market -1 and 0000)
     "empty_cell",            # CUHK03 empty MATLAB cell
+    "non_finite_box",        # NaN/inf or absurd (|coord| > MAX_COORD) coordinate
+    "too_large_image",       # header says more pixels than --max-pixels (decompression bomb)
+    "unreadable_file",       # there, but cannot be read (permission denied, I/O error)
 )
+
+# No image a build accepts is anywhere near this wide; a coordinate beyond it
+# is a unit error or a hostile file, and would overflow float32 arithmetic later.
+MAX_COORD = 1e6
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,14 @@ def safe_key(text: str) -> str:
 
 
 def clip_box(box, width: int, height: int) -> list[float]:
-    """Clip an xyxy box to the image ``[0, W] x [0, H]``."""
+    """Clip an xyxy box to the image ``[0, W] x [0, H]``.
+
+    A NaN, inf or absurd (> MAX_COORD) coordinate is not clipped into a
+    plausible box at the border: the result is all NaN, which the builder's
+    record check (:func:`check_record`) drops as ``non_finite_box``."""
     x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(abs(v) <= MAX_COORD for v in (x1, y1, x2, y2)):     # False for NaN too
+        return [float("nan")] * 4
     return [
         min(max(x1, 0.0), float(width)),
         min(max(y1, 0.0), float(height)),
@@ -140,3 +153,52 @@ def fit_box(box, width: int, height: int, dataset: str, split: str, source: str,
         notes.append(Skip(dataset, split, "degenerate_box", source, detail or f"outside the image: {list(box)}"))
         return None, notes
     return clipped, notes
+
+
+def _box_problem(box) -> str | None:
+    """``None`` for a usable xyxy box, else the skip reason."""
+    import math
+    import numbers
+
+    if isinstance(box, (str, bytes, dict)):
+        return "malformed_annotation"
+    try:
+        vals = list(box)        # lists, tuples and numpy rows alike
+    except TypeError:
+        return "malformed_annotation"
+    if len(vals) != 4 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in vals):
+        return "malformed_annotation"
+    if not all(math.isfinite(v) and abs(v) <= MAX_COORD for v in vals):
+        return "non_finite_box"
+    return None
+
+
+def check_record(rec: Record) -> list[tuple[str, str]]:
+    """Drop boxes (with their ids) and ignore regions that no parser should have
+    let through: wrong shape or type, NaN/inf, absurd coordinates.  One shared
+    check in the builder, so a parser's gap never reaches the shards.  Returns
+    ``(reason, detail)`` per dropped box; ``rec`` is changed in place."""
+    import numbers
+
+    dropped: list[tuple[str, str]] = []
+    keep = []
+    for i, (box, pid) in enumerate(zip(rec.boxes, rec.ids)):
+        why = _box_problem(box)
+        if why is None and (not isinstance(pid, numbers.Integral) or isinstance(pid, bool) or pid < -1):
+            why = "malformed_annotation"
+        if why:
+            dropped.append((why, f"box {i} {box!r:.80} id {pid!r:.20}"))
+        else:
+            keep.append(i)
+    if len(keep) != len(rec.boxes):
+        rec.boxes = [rec.boxes[i] for i in keep]
+        rec.ids = [rec.ids[i] for i in keep]
+    bad_ignore = [b for b in rec.ignore if _box_problem(b)]
+    if bad_ignore:
+        rec.ignore = [b for b in rec.ignore if not _box_problem(b)]
+        dropped += [(_box_problem(b), f"ignore region {b!r:.80}") for b in bad_ignore]
+    for name in ("width", "height"):
+        v = getattr(rec, name)
+        if v is not None and (not isinstance(v, numbers.Integral) or isinstance(v, bool) or not 0 < v <= MAX_COORD):
+            setattr(rec, name, None)      # the builder reads the real size from the image
+    return dropped

@@ -28,6 +28,8 @@ class EncodeSettings:
     # False in worker processes: a pass-through JPEG is re-read by the writer
     # from the page cache instead of being pickled back through a pipe.
     ship_passthrough: bool = True
+    max_pixels: int = imageio.MAX_PIXELS
+    verify_decode: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,11 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     return imageio.image_size(data, "jpeg")
 
 
-def _read(rec: Record):
-    """``(payload, fmt, (w, h))``; raises ImageError with a skip reason."""
+def _read(rec: Record, settings: EncodeSettings | None = None):
+    """``(payload, fmt, (w, h))``; raises ImageError with a skip reason.  The
+    size comes from the header and is checked against ``max_pixels`` before
+    anything is decoded."""
+    settings = settings or EncodeSettings()
     try:
         payload, fmt = imageio.load_encoded(rec.image)
     except imageio.ImageError:
@@ -108,11 +113,17 @@ def _read(rec: Record):
         raise imageio.ImageError("corrupt_image", f"{type(e).__name__}: {e}") from None
     if fmt == "jpeg":
         imageio.check_jpeg_complete(payload)
-        return payload, fmt, jpeg_size(payload)
+        size = jpeg_size(payload)
+        imageio.check_pixels(*size, settings.max_pixels)
+        if settings.verify_decode:
+            imageio.verify_jpeg_decode(payload)
+        return payload, fmt, size
     if fmt == "png":
-        arr = imageio.decode_rgb(payload, fmt)
+        imageio.check_pixels(*imageio.image_size(payload, fmt), settings.max_pixels)
+        arr = imageio.decode_rgb(payload, fmt, settings.max_pixels)
         return arr, "raw", (arr.shape[1], arr.shape[0])
     if fmt == "raw":
+        imageio.check_pixels(payload.shape[1], payload.shape[0], settings.max_pixels)
         return payload, fmt, (payload.shape[1], payload.shape[0])
     raise imageio.ImageError("corrupt_image", "neither JPEG nor PNG")
 
@@ -132,8 +143,9 @@ def _reconcile(rec: Record, size: tuple[int, int], fixes: list[str]):
     return [clip_box(b, w, h) for b in rec.boxes], [clip_box(b, w, h) for b in rec.ignore]
 
 
-def _bake_canvas(pixels, fmt: str, boxes, ignore, rec: Record, job_seed: int, canvas: CanvasOptions):
-    img = imageio.decode_rgb(pixels, fmt)
+def _bake_canvas(pixels, fmt: str, boxes, ignore, rec: Record, job_seed: int, canvas: CanvasOptions,
+                 max_pixels: int = imageio.MAX_PIXELS):
+    img = imageio.decode_rgb(pixels, fmt, max_pixels)
     size = (img.shape[1], img.shape[0])
     rng = record_rng(job_seed, rec.dataset, rec.split, rec.key)
     if canvas.mode == "expand_resize":
@@ -157,7 +169,8 @@ def _encode_pixels(pixels, fmt: str, rec: Record, boxes, ignore, settings: Encod
     """``(jpg or None, size, boxes, ignore, canvas_meta)``: pass-through JPEG,
     encoded PNG/raw, or a baked canvas for re-ID crops."""
     if rec.task == "reid" and settings.canvas.mode != "none":
-        img, boxes, ignore, canvas_meta = _bake_canvas(pixels, fmt, boxes, ignore, rec, settings.seed, settings.canvas)
+        img, boxes, ignore, canvas_meta = _bake_canvas(pixels, fmt, boxes, ignore, rec, settings.seed, settings.canvas,
+                                                        settings.max_pixels)
         return imageio.encode_jpeg(img, settings.jpeg_quality), settings.canvas.size, boxes, ignore, canvas_meta
     if fmt == "jpeg":
         return (pixels if settings.ship_passthrough else None), None, boxes, ignore, None
@@ -169,7 +182,7 @@ def encode_job(job: Job, settings: EncodeSettings) -> Sample | Dropped:
     rec = job.record
     fixes: list[str] = []
     try:
-        pixels, fmt, size = _read(rec)
+        pixels, fmt, size = _read(rec, settings)
         boxes, ignore = _reconcile(rec, size, fixes)
         keep, box_skips = _usable_boxes(rec, boxes)
         if not keep:

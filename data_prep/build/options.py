@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 CANVAS_MODES = ("none", "expand_resize", "random_paste")
+MAX_PIXELS = 64_000_000      # = data_prep.imageio.MAX_PIXELS (options stay free of imports)
+MAX_CANVAS_SIDE = 4096       # a 40000x40000 canvas is 4.8 GB per image
 
 
 class BuildError(Exception):
@@ -47,6 +49,8 @@ class BuildOptions:
     jpeg_quality: int = 95
     seed: int = 0
     format_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_pixels: int = MAX_PIXELS
+    verify_decode: bool = False
     # Below: how to run, not what to produce (not part of the fingerprint).
     workers: int = 1
     strict: bool = False
@@ -64,6 +68,9 @@ class BuildOptions:
             "jpeg_quality": self.jpeg_quality,
             "seed": self.seed,
             "format_options": {k: dict(sorted(v.items())) for k, v in sorted(self.format_options.items())},
+            # only when not the default, so builds made before these options keep their fingerprint
+            **({"max_pixels": self.max_pixels} if self.max_pixels != MAX_PIXELS else {}),
+            **({"verify_decode": True} if self.verify_decode else {}),
         }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from .. import manifest as mf
 from ..imageio import ImageError
 from .encode import Dropped, EncodeSettings, Job, Sample, init_worker, reload_passthrough, run_job
 from .files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json
-from .options import BuildError, BuildOptions, fingerprint
+from .options import MAX_CANVAS_SIDE, BuildError, BuildOptions, fingerprint
 from .plan import (DatasetPlan, SplitPlan, StrictSkip, check_sources, load_module, plan_build, resolve_splits,
                    strict_message, subset_file_name)
 from .shards import JOURNAL_NAME, Counts, Journal, ShardEntry, ShardSink, SplitProgress, shard_name
@@ -29,20 +30,86 @@ STALL_ENV = "HYBRIDPS_BUILD_STALL_AFTER"
 
 
 # --------------------------------------------------------------------------- output dir
-def _our_files(ds_dir: Path) -> list[Path]:
-    pats = ("*.tar", "*.tar" + TMP_SUFFIX, JOURNAL_NAME, JOURNAL_NAME + TMP_SUFFIX, "subset_keys*.txt")
-    return [p for pat in pats for p in ds_dir.glob(pat)]
+LOCK_NAME = ".build.lock"
+# Names a build gives its own files; anything else in OUT (a user's .tar,
+# .tmp or notes) is never removed, --overwrite or not.
+_SHARD_RE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
+_SHARD_TMP_RE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar" + re.escape(TMP_SUFFIX) + "$")
+_SUBSET_RE = re.compile(r"^subset_keys(_[A-Za-z0-9_]+)?\.txt$")
+
+
+def _recorded_shards(out: Path, ds_dir: Path) -> set[str]:
+    """Names of the shards in ``ds_dir`` that a previous build recorded in its
+    journal or manifest (whatever its fingerprint)."""
+    import json
+
+    paths: list[str] = []
+    try:
+        d = json.loads((ds_dir / JOURNAL_NAME).read_text())
+        for sp in d.get("splits", {}).values():
+            paths += [s.get("path", "") for s in sp.get("shards", [])]
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    try:
+        m = json.loads((out / mf.MANIFEST_NAME).read_text())
+        for entry in m.get("datasets", {}).get(ds_dir.name, {}).get("splits", {}).values():
+            paths += [s.get("path", "") for s in entry.get("shards", [])]
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    return {Path(p).name for p in paths if isinstance(p, str) and Path(p).parent.name == ds_dir.name}
+
+
+def _our_tmp_files(ds_dir: Path) -> list[Path]:
+    """Temporary files under names only a build uses (a killed run's leftovers)."""
+    return [p for p in ds_dir.glob("*" + TMP_SUFFIX)
+            if _SHARD_TMP_RE.match(p.name) or p.name == JOURNAL_NAME + TMP_SUFFIX
+            or _SUBSET_RE.match(p.name[:-len(TMP_SUFFIX)])]
+
+
+def _our_files(out: Path, ds_dir: Path) -> list[Path]:
+    recorded = _recorded_shards(out, ds_dir)
+    files = [p for p in ds_dir.glob("*.tar") if p.name in recorded and _SHARD_RE.match(p.name)]
+    files += [p for p in ds_dir.iterdir() if p.is_file() and (p.name == JOURNAL_NAME or _SUBSET_RE.match(p.name))] \
+        if ds_dir.is_dir() else []
+    return files + _our_tmp_files(ds_dir)
 
 
 def _clear_previous(out: Path, names: set[str]) -> None:
-    """Remove what a build writes (and nothing else) for ``names``."""
+    """Remove what a build wrote (and nothing else) for ``names``: the shards its
+    journal or manifest records, its journal and subset lists, its own .tmp names."""
     from ..formats import FORMATS
 
     for name in names & set(FORMATS):  # names read back from build.json: never trust them as paths
-        for p in _our_files(out / name):
-            p.unlink()
+        if (out / name).is_dir():
+            for p in _our_files(out, out / name):
+                p.unlink(missing_ok=True)
     for p in (out / mf.MANIFEST_NAME, out / STATE_NAME):
         p.unlink(missing_ok=True)
+
+
+@contextmanager
+def out_dir_lock(out: Path) -> Iterator[None]:
+    """One build per OUT at a time: two would write the same ``.tar.tmp`` files.
+
+    A POSIX record lock (``lockf``), not ``flock``: forked encoder workers
+    inherit open files, and an orphaned worker of a SIGKILLed build would keep
+    an flock held and block the resume; record locks belong to the process."""
+    import errno
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_NAME, "a+")
+    try:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise BuildError(f"{out} is being written by another build (lock {out / LOCK_NAME} is held); "
+                                 f"wait for it to finish or pick another OUT_DIR") from None
+            raise
+        yield
+    finally:
+        handle.close()
 
 
 def _spec_diff(old: dict, new: dict) -> str:
@@ -70,15 +137,15 @@ def prepare_out_dir(out: Path, spec: dict, fp: str, overwrite: bool) -> None:
                     f"resume, add --overwrite to rebuild, or pick another OUT_DIR."
                 )
             _clear_previous(out, names | {n for n, _ in old.get("spec", {}).get("sources", [])})
-    elif any(out.iterdir()):
+    elif any(p.name != LOCK_NAME for p in out.iterdir()):
         if not overwrite:
             raise BuildError(f"{out} is not empty and holds no data_prep build; pick an empty OUT_DIR "
                              f"or add --overwrite (only files a build writes are removed)")
         _clear_previous(out, names)
     for name in names:
         (out / name).mkdir(exist_ok=True)
-        for p in (out / name).glob("*" + TMP_SUFFIX):
-            p.unlink()
+        for p in _our_tmp_files(out / name):
+            p.unlink(missing_ok=True)
     atomic_write_json(state_path, {"fingerprint": fp, "spec": spec})
 
 
@@ -187,7 +254,8 @@ class SplitWriter:
         self.journal.save()
         keep = {Path(s.path).name for s in self.prog.shards}
         for stale in (self.out / self.ds.name).glob(f"{self.sp.split}-*.tar"):
-            if stale.name not in keep:  # left by an older, longer run of the same build
+            # left by an older, longer run of the same build; only shard names, never a user's tar
+            if stale.name not in keep and _SHARD_RE.match(stale.name):
                 stale.unlink()
 
     def abort(self) -> None:
@@ -291,11 +359,21 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> dict:
         raise BuildError(f"--shard-size must be >= 1, got {opts.shard_size}")
     if not 1 <= opts.jpeg_quality <= 100:
         raise BuildError(f"--jpeg-quality must be in 1..100, got {opts.jpeg_quality}")
+    if not 1 <= opts.max_pixels <= 1 << 40:
+        raise BuildError(f"--max-pixels must be in 1..2**40, got {opts.max_pixels}")
+    w, h = opts.canvas.size
+    if not (1 <= w <= MAX_CANVAS_SIDE and 1 <= h <= MAX_CANVAS_SIDE):
+        raise BuildError(f"--canvas-size {w}x{h}: each side must be in 1..{MAX_CANVAS_SIDE}")
     check_sources(opts)
     splits = resolve_splits(opts)
     spec = opts.output_spec(splits)
     fp = fingerprint(spec)
     out = Path(opts.out_dir)
+    with out_dir_lock(out):
+        return _run_locked(opts, out, splits, spec, fp, log)
+
+
+def _run_locked(opts: BuildOptions, out: Path, splits, spec: dict, fp: str, log) -> dict:
     prepare_out_dir(out, spec, fp, opts.overwrite)
 
     log("planning (annotations only):")
@@ -310,7 +388,8 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> dict:
     progress = {(ds.name, sp.split): resume_split(out, journals[ds.name], sp, log) for ds in datasets for sp in ds.splits}
     todo = sum(0 if progress[(ds.name, sp.split)].done else len(sp.records) - start_index(progress[(ds.name, sp.split)])
                for ds in datasets for sp in ds.splits)
-    settings = EncodeSettings(opts.jpeg_quality, opts.canvas, opts.seed, ship_passthrough=opts.workers <= 1)
+    settings = EncodeSettings(opts.jpeg_quality, opts.canvas, opts.seed, ship_passthrough=opts.workers <= 1,
+                              max_pixels=opts.max_pixels, verify_decode=opts.verify_decode)
     stall = _Stall()
     with job_runner(opts.workers, settings) as run, tqdm(
         total=todo, unit="img", file=sys.stderr, disable=not opts.progress, mininterval=0.5, desc="images"

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from ..formats import FORMATS, get_format
 from ..identity import IdBlock, assign_build
-from ..record import Fix, Record, Skip
+from ..record import Fix, Record, Skip, check_record
 from .options import BuildError, BuildOptions
 
 SUBSET_FILE = "subset_keys.txt"
@@ -151,6 +151,14 @@ def enumerate_split(
         if isinstance(item, Fix):
             plan.fixed[item.reason] += 1
             continue
+        if isinstance(item, Record):
+            had_boxes = bool(item.boxes)
+            for reason, detail in check_record(item):
+                if strict:
+                    raise StrictSkip(strict_message(name, split, reason, item.source, detail))
+                plan.skipped[reason] += 1
+            if had_boxes and not item.boxes:
+                item = Skip(name, split, "no_person", item.source, "every box was dropped")
         if isinstance(item, Record) and item.key in seen:
             item = Skip(name, split, "duplicate_key", item.source, f"key {item.key!r} seen before")
         if isinstance(item, Skip):

@@ -32,6 +32,7 @@ from typing import Iterator
 
 
 from ..imageio import ImageError, header_size
+from ..textio import utf8_lines
 from ..record import Fix, ImageRef, ParseItem, Record, Skip, box_is_degenerate, clip_box, safe_key
 
 NAME = "crowdhuman"
@@ -85,18 +86,13 @@ def _is_ignore(gtbox: dict) -> bool:
     return gtbox.get("tag") != "person" or (isinstance(extra, dict) and extra.get("ignore", 0) != 0)
 
 
-def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.strip()
-            if line:
-                yield lineno, line
-
-
 def _load_entries(ann_path: Path, split: str) -> Iterator[tuple[str, dict] | Skip]:
     """``(source, entry)`` per well-formed odgt line, a Skip for the others."""
-    for lineno, line in _read_lines(ann_path):
+    for lineno, line, why in utf8_lines(ann_path):
         source = f"{ann_path.name}:{lineno}"
+        if line is None:
+            yield Skip(NAME, split, "malformed_annotation", source, why)
+            continue
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as e:
@@ -192,7 +188,7 @@ def _record_items(root: Path, index, key, source, entry, box, split) -> Iterator
     try:
         width, height = header_size(path)
     except ImageError as e:
-        yield Skip(NAME, split, "corrupt_image", str(path.relative_to(root)), str(e))
+        yield Skip(NAME, split, e.reason, str(path.relative_to(root)), str(e))
         return
     persons, ignore, notes = _boxes_of(entry, box, width, height, split, source)
     yield from notes

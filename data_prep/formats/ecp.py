@@ -225,7 +225,9 @@ def _frame_items(root, key, time, label, image, split, ignore_tags, person_class
     try:
         width, height = _frame_size(frame, image)
     except Exception as e:  # PIL raises several types for unreadable headers
-        yield Skip(NAME, split, "corrupt_image", str(image.relative_to(root)), str(e))
+        reason = getattr(e, "reason", None) or ("too_large_image" if type(e).__name__ == "DecompressionBombError"
+                                                else "corrupt_image")
+        yield Skip(NAME, split, reason, str(image.relative_to(root)), str(e))
         return
     boxes = _FrameBoxes(split, width, height, ignore_tags, person_classes)
     boxes.walk(frame.get("children", []), source)

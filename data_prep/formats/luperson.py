@@ -47,6 +47,7 @@ from typing import Iterable, Iterator, Sequence
 
 from PIL import Image
 
+from ..bounded import BoundError, check_tree, node_budget
 from ..imageio import ImageError, load_encoded
 from ..record import ImageRef, ParseItem, Record, Skip, safe_key
 
@@ -90,16 +91,31 @@ class _DataUnpickler(pickle.Unpickler):
 
 
 def load_pickle(path: Path):
-    """Load a data-only pickle; a clear ValueError for anything else."""
+    """Load a data-only pickle; a clear ValueError for anything else.
+
+    The result is walked (bounded, without recursion) before anyone else touches
+    it: a self-referencing or "billion laughs" list would otherwise hang
+    ``str()`` in the key reader."""
     try:
         with open(path, "rb") as f:
-            return _DataUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"luperson: cannot read {path}: {e}") from None
+            size = os.fstat(f.fileno()).st_size
+            data = _DataUnpickler(f).load()
+        check_tree(data, f"luperson: {path}", max_nodes=node_budget(size))
+        return data
+    except BoundError as e:
+        raise ValueError(str(e)) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, MemoryError, RecursionError) as e:
+        raise ValueError(f"luperson: cannot read {path}: {type(e).__name__}: {e}") from None
 
 
 def _as_str(value) -> str:
-    return value.decode("ascii") if isinstance(value, bytes) else str(value)
+    if isinstance(value, bytes):
+        return value.decode("ascii")
+    if not isinstance(value, str):
+        # a nested list would otherwise become its repr, a "key" no LMDB has
+        raise ValueError(f"expected a string, got a {type(value).__name__}")
+    return str(value)
 
 
 def read_keys_pickle(path: Path) -> tuple[list[str], list[int] | None]:
@@ -118,8 +134,13 @@ def read_keys_pickle(path: Path) -> tuple[list[str], list[int] | None]:
         keys = [_as_str(k) for k in keys]
     except UnicodeDecodeError as e:
         raise ValueError(f"luperson: {path} holds a non-ASCII key: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"luperson: {path}: a key is not a string ({e})") from None
     if pids is not None:
-        pids = [int(p) for p in pids]
+        try:
+            pids = [int(p) for p in pids]
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"luperson: {path}: a pid is not an integer ({e})") from None
         if len(pids) != len(keys):
             raise ValueError(f"luperson: {path} has {len(keys)} keys but {len(pids)} pids")
     return keys, pids
@@ -130,7 +151,10 @@ def read_name_list(path: Path) -> list[str]:
     data = load_pickle(path)
     if not isinstance(data, (list, tuple)):
         raise ValueError(f"luperson: name list {path} holds a {type(data).__name__}, expected a list of names")
-    return [_as_str(n) for n in data]
+    try:
+        return [_as_str(n) for n in data]
+    except (TypeError, ValueError) as e:    # UnicodeDecodeError is a ValueError
+        raise ValueError(f"luperson: name list {path}: a name is not an ASCII string ({e})") from None
 
 
 # --------------------------------------------------------------------------- layout
@@ -351,6 +375,8 @@ def _read_size(entry: _Entry) -> tuple[int, int] | Skip:
         data = entry.image.path  # PIL reads only the header from a path
     try:
         return _image_size(data)
+    except Image.DecompressionBombError as e:
+        return Skip(NAME, "", "too_large_image", entry.source, str(e))
     except Exception as e:  # PIL raises several types for garbage
         return Skip(NAME, "", "corrupt_image", entry.source, str(e))
 

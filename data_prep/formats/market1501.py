@@ -82,7 +82,7 @@ def _crop_items(root: Path, path: Path, split: str) -> Iterator[ParseItem]:
     try:
         width, height = header_size(path)
     except ImageError as e:
-        yield Skip(NAME, split, "corrupt_image", source, str(e))
+        yield Skip(NAME, split, e.reason, source, str(e))
         return
     yield Record(
         dataset=NAME, split=split, key=safe_key(path.stem), image=ImageRef("file", str(path)),

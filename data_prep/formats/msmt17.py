@@ -24,6 +24,7 @@ from typing import Iterator
 
 
 from ..imageio import ImageError, header_size
+from ..textio import utf8_lines
 from ..record import ImageRef, ParseItem, Record, Skip, safe_key
 
 NAME = "msmt17"
@@ -106,13 +107,9 @@ def camera_of(filename: str) -> int | None:
     return int(fields[2])
 
 
-def _read_list(path: Path) -> Iterator[tuple[int, str]]:
-    # newline="" keeps '\r' visible to strip(), so CRLF files parse like LF ones
-    with open(path, encoding="utf-8", newline="") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.strip()
-            if line:
-                yield lineno, line
+def _read_list(path: Path) -> Iterator[tuple[int, str | None, str]]:
+    # bytes, one line decoded at a time: CRLF files parse like LF ones, and a bad byte costs one line
+    return utf8_lines(path)
 
 
 def _entry_item(release: Release, root: Path, split: str, source: str, line: str) -> ParseItem:
@@ -132,7 +129,7 @@ def _entry_item(release: Release, root: Path, split: str, source: str, line: str
     try:
         width, height = header_size(path)
     except ImageError as e:
-        return Skip(NAME, split, "corrupt_image", rel_root, str(e))
+        return Skip(NAME, split, e.reason, rel_root, str(e))
     return Record(
         dataset=NAME, split=split, key=safe_key(Path(filename).stem), image=ImageRef("file", str(path)),
         task=TASK, labeled=LABELED, boxes=[[0.0, 0.0, float(width), float(height)]], ids=[label],
@@ -151,8 +148,11 @@ def parse(root, split: str) -> Iterator[ParseItem]:
     if not list_path.is_file():
         raise FileNotFoundError(f"msmt17: split {split!r} needs {list_path}")
     records: dict[str, Record] = {}
-    for lineno, line in _read_list(list_path):
+    for lineno, line, why in _read_list(list_path):
         source = f"{LIST_FILES[split]}:{lineno}"
+        if line is None:
+            yield Skip(NAME, split, "malformed_annotation", source, why)
+            continue
         item = _entry_item(release, root, split, source, line)
         if isinstance(item, Record) and item.key in records:
             item = Skip(NAME, split, "duplicate_key", source, f"{item.key!r} listed twice")
