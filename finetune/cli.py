@@ -24,6 +24,7 @@ from finetune.datasets import DatasetError
 from finetune.evaluate import EvaluationError, SearchSettings, eval_detection, eval_search
 from finetune.init import SCOPES, InitError
 from finetune.results_io import ResultsFileError
+from pretrain.guard import end_distributed
 
 RUN_KIND = "hybridps-finetune"
 USER_ERRORS = (ConfigError, DatasetError, EvaluationError, InitError, ResultsFileError, FileNotFoundError)
@@ -308,7 +309,8 @@ def cmd_train(args, log=print) -> Path:
                                            results=None, gallery_size=None, cbgm=False, det_thresh=None,
                                            cross_camera=False, device=str(accelerator.device))
             cmd_eval(eval_args, log)
-    accelerator.end_training()
+    del model
+    end_distributed(accelerator)
     return out
 
 

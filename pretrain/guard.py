@@ -31,3 +31,20 @@ def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad.append(name)
     return bad
+
+
+def end_distributed(accelerator) -> None:
+    """End a run: free the prepared objects while the process group lives, then end it.
+
+    A DDP wrapper whose process group was destroyed first can abort its process when it
+    is finally collected ("terminate called without an active exception", SIGABRT at
+    interpreter exit), turning a finished run into a failed exit code under a launcher.
+    So: sync, drop accelerate's references to models/optimizers/loaders, collect, and
+    only then destroy the group.  Callers drop their own references before calling.
+    """
+    import gc
+
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()

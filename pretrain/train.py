@@ -35,7 +35,7 @@ from pretrain.augment import ViewParams
 from pretrain.config import PretrainConfig, dump_config, to_dict
 from pretrain.data import PretrainLoader, ShardSource, open_source
 from pretrain.export import export_run
-from pretrain.guard import nonfinite_losses, nonfinite_parameters
+from pretrain.guard import end_distributed, nonfinite_losses, nonfinite_parameters
 from pretrain.hybrid import HybridModel
 from pretrain.losses.oim import init_sync_group
 from pretrain.model.norm import convert_sync_batchnorm
@@ -303,8 +303,8 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
         history.close()
         export_run(accelerator.unwrap_model(model), cfg, source, out, steps=state.step, final_losses=last,
                    world_size=accelerator.num_processes, distributed_type=str(accelerator.distributed_type))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    del model, optimizer, scheduler, loader
+    end_distributed(accelerator)
     return out
 
 

@@ -185,6 +185,8 @@ def _oim_worker(rank: int, port: int, out_dir: str) -> None:
                 "lut": oim.lut, "cq": oim.cq, "header": oim.header_cq,
                 "losses": losses, "ddp_lut": tiny.oim.lut, "ddp_weight": tiny.proj.weight.detach()},
                os.path.join(out_dir, f"rank{rank}.pt"))
+    del ddp, opt          # DDP freed while its group lives (freed after destroy it can abort at exit)
+    dist.barrier()
     dist.destroy_process_group()
 
 
