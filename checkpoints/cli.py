@@ -40,7 +40,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     entry = registry.get(args.name)
-    path = fetch(entry, cache=args.cache, offline=args.offline, sha256=args.sha256)
+    kw = {k: v for k, v in (("deadline", args.deadline), ("min_rate", args.min_rate)) if v is not None}
+    path = fetch(entry, cache=args.cache, offline=args.offline, sha256=args.sha256, **kw)
     print(path)
     return 0
 
@@ -148,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("download", help="fetch a registry entry into the cache")
     sp.add_argument("name")
     sp.add_argument("--sha256", help="expected sha256 (overrides the registry)")
+    sp.add_argument("--deadline", type=float, metavar="S",
+                    help="give up after S seconds in all (URL sources; default $HYBRIDPS_DOWNLOAD_DEADLINE or 6 h)")
+    sp.add_argument("--min-rate", type=float, metavar="B",
+                    help="give up below B bytes/s on average after 30 s (URL sources; default "
+                         "$HYBRIDPS_DOWNLOAD_MIN_RATE or 10000)")
     net(sp)
     sp.set_defaults(func=cmd_download)
 
