@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -113,7 +114,12 @@ def cmd_add(args: argparse.Namespace) -> int:
         source = {"type": "local", "path": str(path)}
         file = path.name
         if path.is_dir() and (path / "meta.json").is_file():
-            meta = json.loads((path / "meta.json").read_text())
+            try:
+                meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+                raise ValueError(f"{path / 'meta.json'}: not valid JSON ({type(exc).__name__})") from None
+            if not isinstance(meta, dict):
+                raise ValueError(f"{path / 'meta.json'}: must be a JSON object, got a {type(meta).__name__}")
     sha = args.sha256
     if sha is None and source["type"] == "local" and Path(source["path"]).is_file():
         sha = sha256_of(Path(source["path"]))
@@ -200,11 +206,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEBUG_ENV = "HYBRIDPS_DEBUG"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 ok; 2 bad input, arguments or environment (one line); 1 internal
+    error (traceback with HYBRIDPS_DEBUG=1); 130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except USER_ERRORS as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {_one_line(msg)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"python -m checkpoints {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"python -m checkpoints {args.cmd}: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+              f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def describe_os_error(e: OSError) -> str:
+    """What the environment refused, in words a user can act on (as pretrain's CLI says it)."""
+    import errno
+
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"disk full: no space left on device{where}"
+    if e.errno == errno.EDQUOT:
+        return f"disk quota exceeded{where}"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}"
+    if e.errno == errno.EROFS:
+        return f"read-only file system{where}"
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"a file is in the way of a directory{where}"
+    return f"{e.strerror or e}{where}"

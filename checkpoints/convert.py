@@ -14,6 +14,7 @@ import torch
 
 from . import arch as archs
 from . import registry
+from .registry import check_normalization
 from .download import fetch
 from .layouts import Conversion, detect_layout, get_layout
 from .layouts.base import detect_arch_canonical
@@ -68,9 +69,10 @@ def _style_from(meta: Mapping[str, Any]) -> str | None:
     return style if style in STYLES else None
 
 
-def _norm_from(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+def _norm_from(meta: Mapping[str, Any], where: str = "metadata") -> dict[str, Any] | None:
     if "mean" in meta and "std" in meta:
-        return {"channels": meta.get("channels", "RGB"), "mean": meta["mean"], "std": meta["std"]}
+        return check_normalization({"channels": meta.get("channels", "RGB"), "mean": meta["mean"],
+                                    "std": meta["std"]}, where)
     return None
 
 
@@ -78,7 +80,7 @@ def _read_file(path: Path, layout: str | None, description: str) -> SourceWeight
     ck = load_checkpoint(path)
     name = layout or ck.metadata.get("hybridps_layout") or detect_layout(ck.state_dict)
     return SourceWeights(ck.state_dict, get_layout(name).NAME, description, _style_from(ck.metadata),
-                         _norm_from(ck.metadata), ck.metadata)
+                         _norm_from(ck.metadata, f"{path}: metadata"), ck.metadata)
 
 
 def _read_run_dir(path: Path, layout: str | None) -> SourceWeights:
@@ -91,11 +93,13 @@ def _read_run_dir(path: Path, layout: str | None) -> SourceWeights:
     meta_file = path / "meta.json"
     if meta_file.is_file():
         try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{meta_file}: not valid JSON ({exc})") from None
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise ValueError(f"{meta_file}: not valid JSON ({type(exc).__name__}: {exc})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_file}: must be a JSON object, got a {type(meta).__name__}")
         src.style = src.style or _style_from(meta)
-        src.normalization = src.normalization or _norm_from(meta)
+        src.normalization = src.normalization or _norm_from(meta, str(meta_file))
         src.metadata = {**meta, **src.metadata}
     return src
 
