@@ -10,7 +10,7 @@ from typing import Sequence
 
 from . import registry
 from .arch import ARCHS, UnknownArchError, detect_arch
-from .convert import ConversionError, convert, read_source
+from .convert import ConversionError, convert, mark_mismatches, non_finite_tensors, read_source, shape_mismatches
 from .download import ChecksumError, DownloadError, fetch, sha256_of
 from .layouts import ALIASES, LAYOUTS, UnknownLayoutError, get_layout
 from .layouts.base import backbone_view
@@ -68,6 +68,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "modules": group_counts(list(sd)),
         "metadata": {k: v for k, v in src.metadata.items() if k not in ("config",)},
     }
+    rep = mark_mismatches(canon.report(f"{src.description} as canonical"), shape_mismatches(canon.state_dict))
+    bad_values = non_finite_tensors(sd)
+    info["matched_fraction"] = round(rep.matched_fraction, 4)
+    info["shape_mismatches"] = rep.total("mismatched")
+    info["non_finite_tensors"] = len(bad_values)
     path = Path(args.file)
     if path.is_file():
         info["sha256"] = sha256_of(path)
@@ -76,7 +81,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         for k, v in info.items():
             print(f"{k:>13}: {v}")
-        print(canon.report(f"{src.description} as canonical").text())
+        print(rep.text())
+    if bad_values:
+        print(f"WARNING: {len(bad_values)} tensor(s) hold NaN/inf values (e.g. {', '.join(bad_values[:3])})",
+              file=sys.stderr)
     return 0
 
 
@@ -174,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("source", help="registry name, weight file or pre-training run directory")
     sp.add_argument("--to", required=True, choices=sorted(TARGETS))
     sp.add_argument("--out", required=True)
-    sp.add_argument("--force", action="store_true", help="write despite a caffe/pytorch style mismatch")
+    sp.add_argument("--force", action="store_true",
+                    help="write despite a caffe/pytorch style mismatch or NaN/inf weights (warned loudly)")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     sp.add_argument("--num-pids", type=int, default=5532, help="OIM LUT size (CUHK-SYSU 5532, PRW 482)")
     sp.add_argument("--cq-size", type=int, default=5000, help="OIM circular queue size (CUHK-SYSU 5000, PRW 500)")
