@@ -350,3 +350,21 @@ def test_invalid_utf8_in_msmt17_list(world, tmp_path):
     out = tmp_path / "out"
     assert build(out, root, "msmt17") == 0
     assert skipped(out, "msmt17")["malformed_annotation"] >= 1
+
+
+def test_out_that_is_a_file_is_exit_2_one_line(world, tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("not a directory")
+    assert run_cli("build", out, *sources(world[0], ["market1501"]), "--quiet") == 2
+    err = one_line_error(capsys)
+    assert "in the way" in err or "exists" in err
+
+
+def test_unreadable_image_is_reported_as_such(world, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files regardless of their mode")
+    root = copy_dataset(world, "market1501", tmp_path)
+    img = market_images(root)[0]
+    img.chmod(0)
+    assert build(tmp_path / "out", root, "market1501") == 0
+    assert skipped(tmp_path / "out", "market1501").get("unreadable_file") == 1

@@ -209,3 +209,17 @@ def test_diverging_training_exits_2_one_line(prw, tmp_path, capsys):
     assert cli.main(argv) == 2
     assert "non-finite loss" in one_line_error(capsys)
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("exc, code, words", [(KeyboardInterrupt(), 130, "interrupted"),
+                                              (ZeroDivisionError("boom"), 1, "internal error"),
+                                              (OSError(28, "No space left on device", "/x/metrics.json"), 2,
+                                               "disk full"),
+                                              (PermissionError(13, "Permission denied", "/x"), 2,
+                                               "permission denied")])
+def test_finetune_exit_contract(monkeypatch, capsys, exc, code, words):
+    def boom(args):
+        raise exc
+    monkeypatch.setattr(cli, "cmd_compare", boom)
+    assert cli.main(["compare", "x"]) == code
+    assert words in one_line_error(capsys)
