@@ -368,3 +368,24 @@ def test_unreadable_image_is_reported_as_such(world, tmp_path):
     img.chmod(0)
     assert build(tmp_path / "out", root, "market1501") == 0
     assert skipped(tmp_path / "out", "market1501").get("unreadable_file") == 1
+
+
+def test_ecp_wrong_json_types_cost_one_object(world, tmp_path):
+    root = copy_dataset(world, "ecp", tmp_path)
+    labels = sorted(root.rglob("*.json"))
+    frames = [p for p in labels if '"frame"' in p.read_text()]
+    assert len(frames) >= 3
+    # a list as identity, a 3-value box, a string as a coordinate, NaN; and one file nested past json's limit
+    doc = json.loads(frames[0].read_text())
+    doc["children"] += [{"identity": ["pedestrian"], "x0": 1, "y0": 1, "x1": 20, "y1": 40},
+                        {"identity": "pedestrian", "x0": 1, "y0": 1, "x1": "wide", "y1": 40},
+                        {"identity": "pedestrian", "x0": float("nan"), "y0": 1, "x1": 20, "y1": 40, "tags": 5}]
+    frames[0].write_text(json.dumps(doc))
+    frames[1].write_text('{"identity": "frame", "children": ' + "[" * 5000 + "]" * 5000 + "}")
+    frames[2].write_bytes(frames[2].read_bytes().replace(b'"frame"', b'"fr\xffame"', 1))
+    out = tmp_path / "out"
+    args = ["build", out, "--source", f"ecp={root}", "--quiet", "--workers", 1]
+    assert run_cli(*args) == 0
+    m = load_manifest(out)["datasets"]["ecp"]["splits"]
+    got = {r: n for s in m.values() for r, n in s["skipped"].items()}
+    assert got.get("malformed_annotation", 0) >= 4 and got.get("non_finite_box", 0) >= 1, got
