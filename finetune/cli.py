@@ -107,7 +107,7 @@ def _device(name: str | None) -> torch.device:
 def _settings(args, cfg: FinetuneConfig) -> SearchSettings:
     det = cfg.eval.det_thresh if args.det_thresh is None else args.det_thresh
     if not (isinstance(det, (int, float)) and 0.0 <= det <= 1.0):      # refuses nan and inf too
-        raise CLIError(f"--det-thresh must be in [0, 1], got {det!r}")
+        raise CLIError(f"--det-thresh (or eval.det_thresh) must be in [0, 1], got {det!r}")
     return SearchSettings(det_thresh=det, cbgm=bool(args.cbgm or cfg.eval.cbgm),
                           cross_camera=bool(args.cross_camera or cfg.eval.cross_camera))
 
