@@ -389,3 +389,13 @@ def test_ecp_wrong_json_types_cost_one_object(world, tmp_path):
     m = load_manifest(out)["datasets"]["ecp"]["splits"]
     got = {r: n for s in m.values() for r, n in s["skipped"].items()}
     assert got.get("malformed_annotation", 0) >= 4 and got.get("non_finite_box", 0) >= 1, got
+
+
+def test_full_disk_is_exit_2_disk_full(world, tmp_path, capsys):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "build.json.tmp").symlink_to("/dev/full")    # every write through it fails with ENOSPC
+    assert run_cli("build", out, *sources(world[0], ["market1501"]), "--quiet", "--overwrite") == 2
+    assert "disk full" in one_line_error(capsys)
