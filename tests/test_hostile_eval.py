@@ -223,3 +223,19 @@ def test_finetune_exit_contract(monkeypatch, capsys, exc, code, words):
     monkeypatch.setattr(cli, "cmd_compare", boom)
     assert cli.main(["compare", "x"]) == code
     assert words in one_line_error(capsys)
+
+
+def test_finetune_image_reader_refuses_bombs_and_scales_16_bit(tmp_path):
+    from PIL import Image
+
+    from data_prep.record import ImageRef
+    from finetune.datasets import DatasetError, read_image
+    from test_hostile_data import png_with_size
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_with_size(60000, 60000))
+    with pytest.raises(DatasetError, match="too_large_image"):
+        read_image(ImageRef("file", str(bomb)))
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(deep)
+    img = read_image(ImageRef("file", str(deep)))
+    assert 0.45 < float(img.mean()) < 0.55          # 32768/65535, not clipped to white
