@@ -182,8 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("source", help="registry name, weight file or pre-training run directory")
     sp.add_argument("--to", required=True, choices=sorted(TARGETS))
     sp.add_argument("--out", required=True)
-    sp.add_argument("--force", action="store_true",
-                    help="write despite a caffe/pytorch style mismatch or NaN/inf weights (warned loudly)")
+    sp.add_argument("--force", action="store_true", help="write despite a caffe/pytorch style mismatch")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     sp.add_argument("--num-pids", type=int, default=5532, help="OIM LUT size (CUHK-SYSU 5532, PRW 482)")
     sp.add_argument("--cq-size", type=int, default=5000, help="OIM circular queue size (CUHK-SYSU 5000, PRW 500)")
