@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from . import registry
 from .arch import ARCHS, UnknownArchError, detect_arch
-from .convert import ConversionError, convert, read_source
+from .convert import ConversionError, convert, mark_mismatches, non_finite_tensors, read_source, shape_mismatches
 from .download import ChecksumError, DownloadError, fetch, sha256_of
 from .layouts import ALIASES, LAYOUTS, UnknownLayoutError, get_layout
 from .layouts.base import backbone_view
@@ -40,7 +41,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     entry = registry.get(args.name)
-    path = fetch(entry, cache=args.cache, offline=args.offline, sha256=args.sha256)
+    kw = {k: v for k, v in (("deadline", args.deadline), ("min_rate", args.min_rate)) if v is not None}
+    path = fetch(entry, cache=args.cache, offline=args.offline, sha256=args.sha256, **kw)
     print(path)
     return 0
 
@@ -66,6 +68,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "modules": group_counts(list(sd)),
         "metadata": {k: v for k, v in src.metadata.items() if k not in ("config",)},
     }
+    rep = mark_mismatches(canon.report(f"{src.description} as canonical"), shape_mismatches(canon.state_dict))
+    bad_values = non_finite_tensors(sd)
+    info["matched_fraction"] = round(rep.matched_fraction, 4)
+    info["shape_mismatches"] = rep.total("mismatched")
+    info["non_finite_tensors"] = len(bad_values)
     path = Path(args.file)
     if path.is_file():
         info["sha256"] = sha256_of(path)
@@ -74,7 +81,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         for k, v in info.items():
             print(f"{k:>13}: {v}")
-        print(canon.report(f"{src.description} as canonical").text())
+        print(rep.text())
+    if bad_values:
+        print(f"WARNING: {len(bad_values)} tensor(s) hold NaN/inf values (e.g. {', '.join(bad_values[:3])})",
+              file=sys.stderr)
     return 0
 
 
@@ -112,7 +122,12 @@ def cmd_add(args: argparse.Namespace) -> int:
         source = {"type": "local", "path": str(path)}
         file = path.name
         if path.is_dir() and (path / "meta.json").is_file():
-            meta = json.loads((path / "meta.json").read_text())
+            try:
+                meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+                raise ValueError(f"{path / 'meta.json'}: not valid JSON ({type(exc).__name__})") from None
+            if not isinstance(meta, dict):
+                raise ValueError(f"{path / 'meta.json'}: must be a JSON object, got a {type(meta).__name__}")
     sha = args.sha256
     if sha is None and source["type"] == "local" and Path(source["path"]).is_file():
         sha = sha256_of(Path(source["path"]))
@@ -148,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("download", help="fetch a registry entry into the cache")
     sp.add_argument("name")
     sp.add_argument("--sha256", help="expected sha256 (overrides the registry)")
+    sp.add_argument("--deadline", type=float, metavar="S",
+                    help="give up after S seconds in all (URL sources; default $HYBRIDPS_DOWNLOAD_DEADLINE or 6 h)")
+    sp.add_argument("--min-rate", type=float, metavar="B",
+                    help="give up below B bytes/s on average after 30 s (URL sources; default "
+                         "$HYBRIDPS_DOWNLOAD_MIN_RATE or 10000)")
     net(sp)
     sp.set_defaults(func=cmd_download)
 
@@ -200,11 +220,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEBUG_ENV = "HYBRIDPS_DEBUG"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 ok; 2 bad input, arguments or environment (one line); 1 internal
+    error (traceback with HYBRIDPS_DEBUG=1); 130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except USER_ERRORS as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {_one_line(msg)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"python -m checkpoints {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"python -m checkpoints {args.cmd}: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+              f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def describe_os_error(e: OSError) -> str:
+    """What the environment refused, in words a user can act on (as pretrain's CLI says it)."""
+    import errno
+
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"disk full: no space left on device{where}"
+    if e.errno == errno.EDQUOT:
+        return f"disk quota exceeded{where}"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}"
+    if e.errno == errno.EROFS:
+        return f"read-only file system{where}"
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"a file is in the way of a directory{where}"
+    return f"{e.strerror or e}{where}"

@@ -14,6 +14,7 @@ import torch
 
 from . import arch as archs
 from . import registry
+from .registry import check_normalization
 from .download import fetch
 from .layouts import Conversion, detect_layout, get_layout
 from .layouts.base import detect_arch_canonical
@@ -69,9 +70,10 @@ def _style_from(meta: Mapping[str, Any]) -> str | None:
     return style if style in STYLES else None
 
 
-def _norm_from(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+def _norm_from(meta: Mapping[str, Any], where: str = "metadata") -> dict[str, Any] | None:
     if "mean" in meta and "std" in meta:
-        return {"channels": meta.get("channels", "RGB"), "mean": meta["mean"], "std": meta["std"]}
+        return check_normalization({"channels": meta.get("channels", "RGB"), "mean": meta["mean"],
+                                    "std": meta["std"]}, where)
     return None
 
 
@@ -79,7 +81,7 @@ def _read_file(path: Path, layout: str | None, description: str) -> SourceWeight
     ck = load_checkpoint(path)
     name = layout or ck.metadata.get("hybridps_layout") or detect_layout(ck.state_dict)
     return SourceWeights(ck.state_dict, get_layout(name).NAME, description, _style_from(ck.metadata),
-                         _norm_from(ck.metadata), ck.metadata)
+                         _norm_from(ck.metadata, f"{path}: metadata"), ck.metadata)
 
 
 def _read_run_dir(path: Path, layout: str | None) -> SourceWeights:
@@ -92,11 +94,13 @@ def _read_run_dir(path: Path, layout: str | None) -> SourceWeights:
     meta_file = path / "meta.json"
     if meta_file.is_file():
         try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{meta_file}: not valid JSON ({exc})") from None
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise ValueError(f"{meta_file}: not valid JSON ({type(exc).__name__}: {exc})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_file}: must be a JSON object, got a {type(meta).__name__}")
         src.style = src.style or _style_from(meta)
-        src.normalization = src.normalization or _norm_from(meta)
+        src.normalization = src.normalization or _norm_from(meta, str(meta_file))
         src.metadata = {**meta, **src.metadata}
     return src
 
@@ -120,6 +124,58 @@ def read_source(source: str | Path, *, layout: str | None = None, cache: str | P
     raise FileNotFoundError(f"{source}: neither a file, a run directory nor a registry name")
 
 
+# ---------------------------------------------------------------- checks
+def shape_mismatches(canon: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Canonical backbone keys whose shape is not the architecture's:
+    ``{key: (have, want)}``.  Key names alone say nothing about shapes -- a
+    file with every tensor reshaped to 3x3 has all the right names."""
+    from .layouts.base import backbone_view
+
+    view = backbone_view(canon)
+    try:
+        arch = archs.detect_arch(view.keys())
+        want = archs.template(arch, with_fc=True)
+    except archs.UnknownArchError:
+        return {}
+    return {ckey: (tuple(canon[ckey].shape), tuple(want[ukey][0])) for ukey, ckey in view.items()
+            if ukey in want and tuple(canon[ckey].shape) != tuple(want[ukey][0])}
+
+
+def mark_mismatches(rep: Report, bad: Mapping[str, Any], source_of: Mapping[str, str | None] | None = None) -> Report:
+    """Move keys that came from a wrongly shaped canonical tensor from
+    ``loaded`` to ``mismatched``, so the matched fraction (and its threshold)
+    sees them."""
+    if not bad:
+        return rep
+    for counts in rep.modules.values():
+        moved = [k for k in counts.loaded if k in bad or (source_of is not None and source_of.get(k) in bad)]
+        for k in moved:
+            counts.loaded.remove(k)
+            counts.mismatched.append(k)
+    example = next(iter(bad.items()))
+    rep.notes.append(f"{len(bad)} tensor(s) do not have the architecture's shape, e.g. {example[0]} "
+                     f"{list(example[1][0])} (expected {list(example[1][1])})")
+    return rep
+
+
+def non_finite_tensors(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Floating tensors holding NaN or inf: a diverged run's weights load and
+    export without complaint, and every downstream number is then NaN."""
+    return [k for k, v in sd.items() if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], what: str, force: bool = False,
+                 warn=lambda m: print(m, file=__import__("sys").stderr)) -> list[str]:
+    bad = non_finite_tensors(sd)
+    if bad:
+        msg = (f"{what}: {len(bad)} of {len(sd)} tensors hold NaN/inf values (e.g. {', '.join(bad[:3])}); "
+               "the weights come from a diverged or damaged run")
+        if not force:
+            raise ConversionError(msg + "; refusing them (--force writes them anyway)")
+        warn(f"WARNING: {msg}; writing them anyway because of --force")
+    return bad
+
+
 # ---------------------------------------------------------------- canonical
 def canonicalize(state_dict: Mapping[str, torch.Tensor], layout: str | None = None) -> Conversion:
     """Any known layout -> canonical, with the bookkeeping for a report."""
@@ -137,7 +193,9 @@ def load_pretrained(source: str | Path, *, layout: str | None = None, min_fracti
     """Registry name / file / run dir -> canonical weights for our pre-training or fine-tuning."""
     src = read_source(source, layout=layout, cache=cache, offline=offline)
     conv = canonicalize(src.state_dict, src.layout)
-    rep = conv.report(f"{src.description} [{src.layout}] -> hybridps").check(min_fraction)
+    rep = mark_mismatches(conv.report(f"{src.description} [{src.layout}] -> hybridps"),
+                          shape_mismatches(conv.state_dict)).check(min_fraction)
+    check_finite(conv.state_dict, src.description)
     return Pretrained(conv.state_dict, detect_arch_canonical(conv.state_dict), src.style, src.normalization, rep)
 
 
@@ -199,13 +257,16 @@ def convert(source: str | Path, target_name: str, out: str | Path, *, force: boo
         canon.unused.extend(canon.source_of.get(k) or k for k in dropped)
     conv = export(canon, target, arch, num_pids=num_pids, cq_size=cq_size, with_fc=with_fc,
                   legacy_rpn=legacy_rpn, seed=seed)
-    rep = _combined_report(src, canon, conv, target)
+    rep = mark_mismatches(_combined_report(src, canon, conv, target), shape_mismatches(canon.state_dict),
+                          conv.source_of)
     rep.notes.extend(notes)
     if target.strict and conv.missing:
         raise ConversionError(f"{target.name} loads strictly but the source lacks {len(conv.missing)} of its "
                               f"weights (e.g. {', '.join(conv.missing[:3])}); refusing to write a file it "
                               f"cannot load.\n{rep.text()}")
     rep.check(min_fraction)
+    if check_finite(canon.state_dict, src.description, force):
+        rep.notes.append("NaN/inf weights written because of --force")
     meta = _meta(src, target, arch, style)
     if target.container == "state_dict" and out.suffix != ".safetensors":
         rep.notes.append("a plain .pth state_dict has no room for metadata (style is recorded only in "

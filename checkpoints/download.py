@@ -27,6 +27,13 @@ from .registry import Entry
 
 CHUNK = 1 << 20
 TRUE = ("1", "true", "yes", "on")
+# A server that trickles one byte every few seconds never trips a per-socket
+# timeout; these bound the whole download (all attempts together).
+DEADLINE_ENV = "HYBRIDPS_DOWNLOAD_DEADLINE"      # seconds, default 6 h
+MIN_RATE_ENV = "HYBRIDPS_DOWNLOAD_MIN_RATE"      # average bytes/s, default 10 kB/s
+DEFAULT_DEADLINE = 6 * 3600.0
+DEFAULT_MIN_RATE = 10_000.0
+RATE_GRACE = 30.0                                # seconds before the average rate is judged
 
 
 class DownloadError(RuntimeError):
@@ -43,6 +50,46 @@ class ChecksumError(DownloadError):
 
 class _Transient(Exception):
     """A cut connection or short body: worth resuming."""
+
+
+class _Budget:
+    """The overall deadline and minimum average rate of one download."""
+
+    def __init__(self, deadline: float | None = None, min_rate: float | None = None):
+        self.deadline = _env_float(DEADLINE_ENV, DEFAULT_DEADLINE) if deadline is None else float(deadline)
+        self.min_rate = _env_float(MIN_RATE_ENV, DEFAULT_MIN_RATE) if min_rate is None else float(min_rate)
+        if not (self.deadline > 0 and self.min_rate >= 0):      # also refuses NaN
+            raise DownloadError(f"download deadline must be > 0 and minimum rate >= 0 (got "
+                                f"{self.deadline}, {self.min_rate})")
+        self.start = time.monotonic()
+        self.got = 0
+
+    def left(self) -> float:
+        return self.deadline - (time.monotonic() - self.start)
+
+    def socket_timeout(self, timeout: float) -> float:
+        return max(0.05, min(timeout, self.left()))
+
+    def check(self, url: str, nbytes: int = 0) -> None:
+        self.got += nbytes
+        spent = time.monotonic() - self.start
+        if spent > self.deadline:
+            raise DownloadError(f"{url}: not finished within the {self.deadline:g} s deadline ({self.got} bytes "
+                                f"received; set {DEADLINE_ENV} to allow longer)")
+        grace = min(RATE_GRACE, self.deadline / 2)
+        if self.min_rate and spent > grace and self.got / spent < self.min_rate:
+            raise DownloadError(f"{url}: too slow ({self.got / spent:.0f} B/s on average over {spent:.0f} s, below "
+                                f"{self.min_rate:g} B/s; set {MIN_RATE_ENV} to accept it)")
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise DownloadError(f"{name}={raw!r} is not a number") from None
 
 
 # ----------------------------------------------------------------- locations
@@ -107,14 +154,17 @@ def _total_from_content_range(value: str | None) -> int | None:
     return int(m.group(3)) if m and m.group(3) != "*" else None
 
 
-def _fetch_once(url: str, part: Path, timeout: float) -> None:
+def _fetch_once(url: str, part: Path, timeout: float, budget: _Budget | None = None) -> None:
     """One GET, resuming from ``part``'s size with a Range request when it exists."""
+    budget = budget or _Budget()
+    budget.check(url)
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "hybridps-checkpoints/0.1", "Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
     try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                      timeout=budget.socket_timeout(timeout))
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:
             total = _total_from_content_range(exc.headers.get("Content-Range"))
@@ -125,36 +175,108 @@ def _fetch_once(url: str, part: Path, timeout: float) -> None:
         raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}"
                             + (" (file not found)" if exc.code == 404 else "")) from None
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, (socket.timeout, TimeoutError)):
+            budget.check(url)
+            raise _Transient(f"timed out connecting ({exc.reason})") from None
         raise DownloadError(f"{url}: cannot reach the server ({exc.reason}); check the network, or use "
                             "--offline with a file already in the cache") from None
     except (socket.timeout, ConnectionError) as exc:
+        budget.check(url)
         raise _Transient(str(exc)) from None
     with resp:
-        if have and resp.status == 206:
+        _check_response(url, resp, part)
+        if resp.status == 206:
             start = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
             if not start or int(start.group(1)) != have:
-                part.unlink()
-                raise _Transient("server answered a different range; restarting from zero")
+                part.unlink(missing_ok=True)
+                raise _Transient(f"server answered range {resp.headers.get('Content-Range')!r} for a request from "
+                                 f"byte {have}; restarting from zero")
             total = _total_from_content_range(resp.headers.get("Content-Range"))
-            mode = "ab"
+            mode = "ab" if have else "wb"
         else:                                   # 200: server ignores ranges, start over
             have, mode = 0, "wb"
             length = resp.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
+            total = int(length) if length and length.strip().isdigit() else None
+        written = have
         with open(part, mode) as f, _progress(total, have, part.name[:-5]) as bar:
             try:
-                while block := resp.read(CHUNK):
+                # read1: return what has arrived, so a trickling server is seen by the budget
+                while block := resp.read1(CHUNK):
+                    written += len(block)
+                    if total is not None and written > total:
+                        part.unlink(missing_ok=True)
+                        raise DownloadError(f"{url}: the server sent more than the {total} bytes it announced; "
+                                            "the partial file was deleted")
                     f.write(block)
                     bar.update(len(block))
+                    budget.check(url, len(block))
             except (http.client.IncompleteRead, ConnectionError, socket.timeout) as exc:
+                budget.check(url)
                 raise _Transient(f"connection cut ({type(exc).__name__})") from None
     size = part.stat().st_size
     if total is not None and size != total:
         raise _Transient(f"got {size} of {total} bytes")
 
 
+def _check_response(url: str, resp, part: Path) -> None:
+    """Refuse what can never be the weight file, before writing a byte of it."""
+    encoding = (resp.headers.get("Content-Encoding") or "identity").strip().lower()
+    if encoding not in ("identity", ""):
+        raise DownloadError(f"{url}: the server sent a {encoding}-encoded body although identity was asked for; "
+                            "refusing to store encoded bytes as the file")
+    ctype = (resp.headers.get("Content-Type") or "").lower()
+    if ctype.startswith(("text/html", "application/xhtml")):
+        raise DownloadError(f"{url}: the server answered an HTML page ({ctype.split(';')[0]}), not the weight file "
+                            "(a login, error or redirect page?)")
+
+
+def check_format(path: Path, name: str) -> None:
+    """Does ``path`` parse as what ``name``'s suffix says?  A cut connection
+    without a Content-Length, or an error page, leaves a file that does not."""
+    suffix = Path(name).suffix.lower()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+        f.seek(max(0, size - 1))
+        tail = f.read(1)
+    low = head.lstrip().lower()
+    if low.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        raise ValueError("it is an HTML/XML page")
+    if suffix == ".safetensors":
+        import json as _json
+        import struct
+
+        if size < 8:
+            raise ValueError("too short for a safetensors header")
+        n = struct.unpack("<Q", head[:8])[0]
+        if n > size - 8 or n > 100 << 20:
+            raise ValueError(f"safetensors header of {n} bytes in a {size}-byte file")
+        with open(path, "rb") as f:
+            f.seek(8)
+            header = _json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("safetensors header is not a JSON object")
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise ValueError(f"safetensors data should end at byte {8 + n + end}, the file has {size}")
+    elif suffix in (".pth", ".pt", ".bin", ".ckpt", ".tar", ".pkl"):
+        import zipfile
+
+        if head.startswith(b"PK"):
+            if not zipfile.is_zipfile(path):
+                raise ValueError("damaged zip archive (truncated?)")
+            with zipfile.ZipFile(path) as zf:
+                zf.infolist()
+        elif head[:1] == b"\x80" and 2 <= head[1] <= 5:
+            if suffix == ".pkl" and tail != b".":
+                raise ValueError("pickle without its STOP opcode (truncated)")
+        else:
+            raise ValueError("neither a torch zip archive nor a pickle")
+
+
 def download_url(url: str, dest: Path, *, sha256: str | None = None, sha256_prefix: str | None = None,
                  offline: bool | None = None, retries: int = 3, timeout: float = 30.0,
+                 deadline: float | None = None, min_rate: float | None = None,
                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Path:
     """Fetch ``url`` to ``dest`` (resumable via ``dest.part``), verify it, then rename atomically."""
     dest = Path(dest)
@@ -173,7 +295,8 @@ def download_url(url: str, dest: Path, *, sha256: str | None = None, sha256_pref
     with _locked(dest.with_name(dest.name + ".lock")):
         if dest.exists():                    # another process finished it while we waited
             return dest
-        return _download_locked(url, dest, sha256, sha256_prefix, retries, timeout, log)
+        return _download_locked(url, dest, sha256, sha256_prefix, retries, timeout, log,
+                                _Budget(deadline, min_rate))
 
 
 @contextlib.contextmanager
@@ -188,11 +311,12 @@ def _locked(lock_path: Path):
 
 
 def _download_locked(url: str, dest: Path, sha256: str | None, sha256_prefix: str | None, retries: int,
-                     timeout: float, log: Callable[[str], None]) -> Path:
+                     timeout: float, log: Callable[[str], None], budget: _Budget | None = None) -> Path:
     part = dest.with_name(dest.name + ".part")
+    budget = budget or _Budget()
     for attempt in range(retries + 1):
         try:
-            _fetch_once(url, part, timeout)
+            _fetch_once(url, part, timeout, budget)
             break
         except _Transient as exc:
             if attempt == retries:
@@ -201,6 +325,13 @@ def _download_locked(url: str, dest: Path, sha256: str | None, sha256_prefix: st
             log(f"{url}: {exc}; resuming (attempt {attempt + 2}/{retries + 1})")
             time.sleep(min(0.2 * (attempt + 1), 2.0))
     actual = _verify(part, sha256, sha256_prefix, url)
+    try:
+        if not (sha256 or sha256_prefix):    # a matching pinned hash says more than any format check
+            check_format(part, dest.name)
+    except (ValueError, KeyError, TypeError, IndexError, OSError) as exc:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"{url}: the download is not a valid {dest.suffix or 'weight'} file ({exc}); "
+                            "it was deleted") from None
     os.replace(part, dest)
     if not sha256:
         log(f"{dest.name}: sha256 {actual} (no published hash to check against; pin it with --sha256)")
@@ -259,6 +390,9 @@ def fetch(entry: Entry, *, cache: str | Path | None = None, offline: bool | None
     """Make a registry entry's file available locally and return its path."""
     sha = (sha256 or entry.sha256 or "").lower() or None
     kind = entry.source["type"]
+    if kind != "url":                 # the hub client has its own timeouts
+        kw.pop("deadline", None)
+        kw.pop("min_rate", None)
     if kind == "local":
         path = Path(entry.source["path"]).expanduser()
         if not path.exists():

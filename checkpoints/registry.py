@@ -87,7 +87,30 @@ def _check_file_name(name: Any, where: str, folders: bool = False) -> None:
         raise RegistryError(f"{where}: file must be {kind} (no '..', no absolute path), got {name!r}")
 
 
+def check_normalization(norm: Any, where: str) -> dict[str, Any] | None:
+    """``{"channels": RGB|BGR, "mean": [3 numbers], "std": [3 numbers > 0]}`` or
+    None; anything else (``mean: 5``, NaN, a list for the whole thing) is a
+    clear error instead of a TypeError deep in model construction."""
+    import math
+
+    if norm is None:
+        return None
+    if not isinstance(norm, dict):
+        raise RegistryError(f"{where}: normalization must be an object, got {type(norm).__name__}")
+    if norm.get("channels", "RGB") not in ("RGB", "BGR"):
+        raise RegistryError(f"{where}: normalization channels must be RGB or BGR, got {norm.get('channels')!r}")
+    for key in ("mean", "std"):
+        v = norm.get(key)
+        if not (isinstance(v, (list, tuple)) and len(v) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+            raise RegistryError(f"{where}: normalization {key} must be 3 finite numbers, got {v!r:.80}")
+        if key == "std" and min(v) <= 0:
+            raise RegistryError(f"{where}: normalization std must be > 0, got {v!r}")
+    return norm
+
+
 def _validate(entry: Entry, where: str) -> None:
+    check_normalization(entry.normalization, where)
     if not isinstance(entry.name, str) or not entry.name:
         raise RegistryError(f"{where}: name must be a non-empty string")
     if not isinstance(entry.source, dict):

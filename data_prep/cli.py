@@ -287,9 +287,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"data_prep {args.command}: interrupted" + ("; re-run the same command to resume"
               if args.command == "build" else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:
+        # the environment (full disk, permissions, a file where OUT should be), not a bug
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"data_prep {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as e:
         if os.environ.get(DEBUG_ENV):
             raise
         print(f"data_prep {args.command}: internal error: {type(e).__name__}: {e} "
               f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def describe_os_error(e: OSError) -> str:
+    """What the environment refused, in words a user can act on (as pretrain's CLI says it)."""
+    import errno
+
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"disk full: no space left on device{where}"
+    if e.errno == errno.EDQUOT:
+        return f"disk quota exceeded{where}"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}"
+    if e.errno == errno.EROFS:
+        return f"read-only file system{where}"
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"a file is in the way of a directory{where}"
+    return f"{e.strerror or e}{where}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,8 @@ def _device(name: str | None) -> torch.device:
 # --------------------------------------------------------------------------- eval
 def _settings(args, cfg: FinetuneConfig) -> SearchSettings:
     det = cfg.eval.det_thresh if args.det_thresh is None else args.det_thresh
+    if not (isinstance(det, (int, float)) and 0.0 <= det <= 1.0):      # refuses nan and inf too
+        raise CLIError(f"--det-thresh (or eval.det_thresh) must be in [0, 1], got {det!r}")
     return SearchSettings(det_thresh=det, cbgm=bool(args.cbgm or cfg.eval.cbgm),
                           cross_camera=bool(args.cross_camera or cfg.eval.cross_camera))
 
@@ -146,9 +149,11 @@ def _run_meta(path: Path) -> dict | None:
     if not (path.is_dir() and meta.is_file() and (path / "model.safetensors").is_file()):
         return None
     try:
-        data = json.loads(meta.read_text())
-    except json.JSONDecodeError:
-        return None
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CLIError(f"{meta}: not valid JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"{meta}: must be a JSON object, got a {type(data).__name__}")
     return data if data.get("kind") == RUN_KIND else None
 
 
@@ -345,6 +350,9 @@ def save_run(out: Path, model, cfg: FinetuneConfig, args, lab, subset, outcome, 
 def main(argv: list[str] | None = None) -> int:
     from finetune.compare import CompareError
 
+    from finetune.engine import TrainError
+    from pretrain.cli import describe_os_error
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "eval":
@@ -353,7 +361,25 @@ def main(argv: list[str] | None = None) -> int:
             cmd_compare(args)
         else:
             cmd_train(args)
-    except (CLIError, CompareError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CLIError, CompareError, TrainError, *USER_ERRORS) as e:
+        # TrainError: a non-finite loss or an unusable loader is the run's input, not a bug
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"python -m finetune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"python -m finetune {args.command}: internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+              f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
     return 0
+
+
+DEBUG_ENV = "HYBRIDPS_DEBUG"

@@ -233,6 +233,9 @@ class GalleryIndex:
         # concatenate once, then filter: per-image filtering costs a python round trip per image
         boxes = _cat([d.boxes for d in dets], (0, 4), np.float64)
         scores = _cat([d.scores if s else np.ravel(d.scores) for d, (s, _, _) in zip(dets, shapes)], (0,), np.float64)
+        _require_finite("gallery detection boxes", boxes)
+        _require_finite("gallery detection scores", scores)
+        _check_thresh(det_thresh)
         keep = scores >= det_thresh
         every = bool(keep.all())
         raw_img = np.repeat(np.arange(len(dets)), raw_counts)
@@ -242,6 +245,7 @@ class GalleryIndex:
         self.feats = None
         if dim is not None:
             feats = _cat([d.feats for d in dets], (0, dim), np.float32)
+            _require_finite("gallery features", feats)
             self.feats = feats if every else feats[keep]
         self.img = np.repeat(np.arange(len(self.keys)), self.counts)
 
@@ -299,12 +303,31 @@ def _cbgm_rescore(index, det_idx, sims, context: Detections, query_box, k1, k2) 
 
 
 # --------------------------------------------------------------------------- search protocols
+def _require_finite(what: str, arr: np.ndarray) -> None:
+    """NaN compares false with everything: all-NaN features tie every gallery
+    box and still produce a plausible top-1, so they are refused outright."""
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise EvaluationError(f"{what}: {bad} NaN/inf value(s) of {arr.size}; the model produced non-finite "
+                              "outputs (a diverged run?), nothing to score")
+
+
+def _check_thresh(det_thresh) -> None:
+    if not (isinstance(det_thresh, (int, float)) and 0.0 <= det_thresh <= 1.0):   # False for NaN
+        raise EvaluationError(f"det_thresh must be a number in [0, 1], got {det_thresh!r}")
+
+
 def _check_query_feats(protocol, inputs: SearchInputs) -> np.ndarray:
     q = np.asarray(inputs.query_feats, np.float32)
     if q.ndim != 2 or q.shape[0] != len(protocol.queries):
         raise EvaluationError(
             f"query features have shape {q.shape}; expected ({len(protocol.queries)}, D), one row per query"
         )
+    _require_finite("query features", q)
+    if inputs.query_context is not None:
+        for i, ctx in enumerate(inputs.query_context):
+            for name in ("boxes", "scores", "feats"):
+                _require_finite(f"query {i} context {name}", np.asarray(getattr(ctx, name), np.float64))
     return q
 
 

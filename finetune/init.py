@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from checkpoints.convert import Pretrained, load_pretrained
+from checkpoints.registry import RegistryError, check_normalization
 from checkpoints.report import DEFAULT_MIN_FRACTION, InsufficientMatchError, Report, compare, module_of
 
 SCOPES: dict[str, tuple[str, ...]] = {
@@ -73,7 +74,13 @@ def resolve_init(init: str, offline: bool | None = None) -> InitWeights | None:
 def normalization_for_model(norm: dict | None) -> tuple[list[float], list[float]] | None:
     """Registry/run normalisation -> ModelConfig image_mean/std (0-1 scale, RGB).
     None when unknown (keep the config's) or when it is BGR (our model reads RGB)."""
-    if not norm or norm.get("channels", "RGB") != "RGB":
+    if not norm:
+        return None
+    try:
+        check_normalization(norm, "normalization of the --init weights")
+    except RegistryError as e:
+        raise InitError(str(e)) from None
+    if norm.get("channels", "RGB") != "RGB":
         return None
     mean, std = [float(v) for v in norm["mean"]], [float(v) for v in norm["std"]]
     if max(mean) > 1.5:  # 0-255 statistics

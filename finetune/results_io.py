@@ -102,18 +102,24 @@ def read_results(path: str | Path) -> tuple[SearchInputs, dict]:
     path = Path(path)
     if not path.is_file():
         raise ResultsFileError(f"results file {path} does not exist")
-    try:
-        z = np.load(path, allow_pickle=False)
-        data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ResultsFileError(f"{path} is not a readable .npz results file: {e}") from None
+    data = _load_members(path)
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise ResultsFileError(f"{path}: missing array(s) {missing}; see finetune/results_io.py for the format")
+    if data["meta"].ndim != 0 or data["meta"].dtype.kind != "U":
+        raise ResultsFileError(f"{path}: 'meta' must be a 0-d string array, got {data['meta'].dtype} "
+                               f"{data['meta'].shape}")
     try:
         meta = json.loads(str(data["meta"]))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ResultsFileError(f"{path}: 'meta' is not JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ResultsFileError(f"{path}: 'meta' must be a JSON object, got a {type(meta).__name__}")
+    if data["gallery_keys"].dtype.kind != "U":
+        raise ResultsFileError(f"{path}: 'gallery_keys' must be strings, got {data['gallery_keys'].dtype}")
+    for name, arr in data.items():
+        if name != "meta" and name != "gallery_keys":
+            _check_numbers(path, name, arr)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ResultsFileError(f"{path}: format {meta.get('format')!r} v{meta.get('version')}, expected {FORMAT!r} v{VERSION}")
     q = data["query_feats"]
@@ -133,6 +139,67 @@ def read_results(path: str | Path) -> tuple[SearchInputs, dict]:
         if len(context) != q.shape[0]:
             raise ResultsFileError(f"{path}: query context for {len(context)} queries, but {q.shape[0]} query features")
     return SearchInputs(dict(zip(keys, gallery)), q.astype(np.float32), context), meta
+
+
+# A results file is float features and boxes, which compress by a few percent
+# at most; a member that inflates far past the archive is a zip bomb.
+MAX_EXPANSION = 20
+EXPANSION_SLACK = 64 << 20
+
+
+def _load_members(path: Path) -> dict[str, np.ndarray]:
+    """The arrays the format names, and only those: every other member is never
+    read.  Each member's npy header (shape, dtype) is checked against what the
+    zip declares and against the archive's size before its data is inflated."""
+    import zipfile
+
+    wanted = set(_REQUIRED) | set(_CONTEXT)
+    size = path.stat().st_size
+    budget = EXPANSION_SLACK + MAX_EXPANSION * size
+    out: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy")}
+            total = 0
+            for name in sorted(wanted & set(infos)):
+                info = infos[name]
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version not in ((1, 0), (2, 0)):
+                        raise ResultsFileError(f"{path}: '{name}' has npy format version {version}; expected 1.0/2.0")
+                    reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0)
+                    shape, fortran, dtype = reader(f)
+                    header_len = f.tell() if f.seekable() else None
+                    if dtype.hasobject:
+                        raise ResultsFileError(f"{path}: '{name}' is an object array (pickled data); refusing it")
+                    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                    if header_len is not None and nbytes + header_len != info.file_size:
+                        raise ResultsFileError(f"{path}: '{name}' declares {shape} {dtype} ({nbytes} bytes) but its zip "
+                                               f"member holds {info.file_size - header_len}")
+                    total += nbytes
+                    if total > budget:
+                        raise ResultsFileError(f"{path}: its arrays would take more than {budget} bytes in memory from "
+                                               f"a {size}-byte file; refusing to inflate it")
+                with zf.open(info) as f:
+                    out[name] = np.lib.format.read_array(f, allow_pickle=False)
+    except ResultsFileError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, MemoryError) as e:
+        raise ResultsFileError(f"{path} is not a readable .npz results file: {type(e).__name__}: {e}") from None
+    return out
+
+
+def _check_numbers(path: Path, name: str, arr: np.ndarray) -> None:
+    """Features, boxes and scores must be finite numbers: NaN features rank
+    every gallery box alike and still give a plausible-looking top-1."""
+    if arr.dtype.kind not in "iuf":
+        raise ResultsFileError(f"{path}: '{name}' must be numeric, got {arr.dtype}")
+    if arr.dtype.kind == "f":
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise ResultsFileError(f"{path}: '{name}' has {bad} NaN/inf value(s) of {arr.size}; the model "
+                                   "produced non-finite outputs")
 
 
 def _read_block(data: dict, prefix: str, dim: int) -> list[Detections]:

@@ -350,3 +350,52 @@ def test_invalid_utf8_in_msmt17_list(world, tmp_path):
     out = tmp_path / "out"
     assert build(out, root, "msmt17") == 0
     assert skipped(out, "msmt17")["malformed_annotation"] >= 1
+
+
+def test_out_that_is_a_file_is_exit_2_one_line(world, tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("not a directory")
+    assert run_cli("build", out, *sources(world[0], ["market1501"]), "--quiet") == 2
+    err = one_line_error(capsys)
+    assert "in the way" in err or "exists" in err
+
+
+def test_unreadable_image_is_reported_as_such(world, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root reads files regardless of their mode")
+    root = copy_dataset(world, "market1501", tmp_path)
+    img = market_images(root)[0]
+    img.chmod(0)
+    assert build(tmp_path / "out", root, "market1501") == 0
+    assert skipped(tmp_path / "out", "market1501").get("unreadable_file") == 1
+
+
+def test_ecp_wrong_json_types_cost_one_object(world, tmp_path):
+    root = copy_dataset(world, "ecp", tmp_path)
+    labels = sorted(root.rglob("*.json"))
+    frames = [p for p in labels if '"frame"' in p.read_text()]
+    assert len(frames) >= 3
+    # a list as identity, a 3-value box, a string as a coordinate, NaN; and one file nested past json's limit
+    doc = json.loads(frames[0].read_text())
+    doc["children"] += [{"identity": ["pedestrian"], "x0": 1, "y0": 1, "x1": 20, "y1": 40},
+                        {"identity": "pedestrian", "x0": 1, "y0": 1, "x1": "wide", "y1": 40},
+                        {"identity": "pedestrian", "x0": float("nan"), "y0": 1, "x1": 20, "y1": 40, "tags": 5}]
+    frames[0].write_text(json.dumps(doc))
+    frames[1].write_text('{"identity": "frame", "children": ' + "[" * 5000 + "]" * 5000 + "}")
+    frames[2].write_bytes(frames[2].read_bytes().replace(b'"frame"', b'"fr\xffame"', 1))
+    out = tmp_path / "out"
+    args = ["build", out, "--source", f"ecp={root}", "--quiet", "--workers", 1]
+    assert run_cli(*args) == 0
+    m = load_manifest(out)["datasets"]["ecp"]["splits"]
+    got = {r: n for s in m.values() for r, n in s["skipped"].items()}
+    assert got.get("malformed_annotation", 0) >= 4 and got.get("non_finite_box", 0) >= 1, got
+
+
+def test_full_disk_is_exit_2_disk_full(world, tmp_path, capsys):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "build.json.tmp").symlink_to("/dev/full")    # every write through it fails with ENOSPC
+    assert run_cli("build", out, *sources(world[0], ["market1501"]), "--quiet", "--overwrite") == 2
+    assert "disk full" in one_line_error(capsys)

@@ -119,13 +119,19 @@ class _FrameBoxes:
             if not isinstance(obj, dict):
                 self.notes.append(Skip(NAME, self.split, "malformed_annotation", here, "object is not a dict"))
                 continue
-            self._visit(obj, here)
+            try:
+                self._visit(obj, here)
+            except (TypeError, ValueError, AttributeError) as e:
+                # a wrong JSON type in one object (a list as identity, a dict as orient) costs that object
+                self.notes.append(Skip(NAME, self.split, "malformed_annotation", here, f"{type(e).__name__}: {e}"))
             sub = obj.get("children") or []
             if isinstance(sub, list):
                 self.walk(sub, here)
 
     def _visit(self, obj: dict, where: str) -> None:
         identity = obj.get("identity")
+        if not isinstance(identity, str):
+            raise TypeError(f"identity is a {type(identity).__name__}, not a string")
         tags = obj.get("tags") or []
         tags = {t for t in tags if isinstance(t, str)} if isinstance(tags, list) else set()
         if identity in self.person_classes:
@@ -219,8 +225,8 @@ def _frame_items(root, key, time, label, image, split, ignore_tags, person_class
     try:
         with open(label, encoding="utf-8") as f:
             frame = unwrap_frame(json.load(f))
-    except (ValueError, KeyError, IndexError, TypeError) as e:
-        yield Skip(NAME, split, "malformed_annotation", source, str(e))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError) as e:
+        yield Skip(NAME, split, "malformed_annotation", source, f"{type(e).__name__}: {e}")
         return
     try:
         width, height = _frame_size(frame, image)
@@ -230,7 +236,11 @@ def _frame_items(root, key, time, label, image, split, ignore_tags, person_class
         yield Skip(NAME, split, reason, str(image.relative_to(root)), str(e))
         return
     boxes = _FrameBoxes(split, width, height, ignore_tags, person_classes)
-    boxes.walk(frame.get("children", []), source)
+    try:
+        boxes.walk(frame.get("children", []), source)
+    except RecursionError:
+        yield Skip(NAME, split, "malformed_annotation", source, "children nested too deep")
+        return
     yield from boxes.notes
     if not boxes.persons:
         yield Skip(NAME, split, "no_person", source, "no usable pedestrian/rider")
