@@ -41,3 +41,7 @@ class Protocol:
     per_query_gallery: list[list[tuple[str, list[float] | None]]] | None = None
     gallery_size: int | None = None
     notes: dict = field(default_factory=dict)
+    # Named query subsets (CUHK-SYSU's occlusion and low-resolution queries):
+    # name -> positions in ``queries``.  Empty when the dataset defines none or
+    # its subset files are absent (``notes["query_subsets"]`` then says which).
+    query_subsets: dict[str, list[int]] = field(default_factory=dict)

@@ -22,7 +22,7 @@ import torch
 from finetune import config as ftconfig
 from finetune.config import DATASETS, ConfigError, FinetuneConfig
 from finetune.datasets import DatasetError
-from finetune.evaluate import EvaluationError, SearchSettings, eval_detection, eval_search
+from finetune.evaluate import IOU_RULES, EvaluationError, SearchSettings, eval_detection, eval_search, subset_summary
 from finetune.init import SCOPES, InitError
 from finetune.results_io import ResultsFileError
 from pretrain.guard import end_distributed
@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gallery detection score threshold (default: eval.det_thresh of the config, 0.5)")
     ev.add_argument("--cross-camera", action="store_true",
                     help="PRW multi-view variant: drop same-camera gallery frames (default: kept)")
+    ev.add_argument("--iou-rule", choices=IOU_RULES,
+                    help="when a detection counts as the query person: standard = IoU >= min(0.5, "
+                         "wh/((w+10)(h+10))) (CUHK-SYSU/PRW protocol, relaxed for small persons), "
+                         "fixed = IoU >= 0.5 (default: eval.iou_rule of the config, standard)")
     ev.add_argument("--device", help="cuda / cpu (default: cuda when available)")
 
     tr = sub.add_parser("train", help="NAE fine-tuning from an INIT")
@@ -110,7 +114,8 @@ def _settings(args, cfg: FinetuneConfig) -> SearchSettings:
     if not (isinstance(det, (int, float)) and 0.0 <= det <= 1.0):      # refuses nan and inf too
         raise CLIError(f"--det-thresh (or eval.det_thresh) must be in [0, 1], got {det!r}")
     return SearchSettings(det_thresh=det, cbgm=bool(args.cbgm or cfg.eval.cbgm),
-                          cross_camera=bool(args.cross_camera or cfg.eval.cross_camera))
+                          cross_camera=bool(args.cross_camera or cfg.eval.cross_camera),
+                          iou_rule=args.iou_rule or cfg.eval.iou_rule)
 
 
 def load_model_for_eval(checkpoint: str, cfg: FinetuneConfig, log=print):
@@ -172,10 +177,34 @@ def format_table(dataset: str, search, detection, labeled, settings: SearchSetti
     else:
         gallery = "all frames but the query's, " + ("other cameras only" if settings.cross_camera else "same camera included")
     head = f"{dataset}: {len(protocol.queries)} queries, {len(protocol.gallery)} gallery images ({gallery}); " \
-           f"det_thresh {settings.det_thresh}{', CBGM' if settings.cbgm else ''}"
+           f"det_thresh {settings.det_thresh}{', CBGM' if settings.cbgm else ''}; IoU rule {iou_rule_text(settings.iou_rule)}"
     cols = ["mAP", "top-1", "top-5", "top-10", "det AP", "det recall", "labeled recall"]
     vals = [search.mAP, search.topk[1], search.topk[5], search.topk[10], detection.ap, detection.recall, labeled.recall]
-    return "\n".join([head, "  ".join(f"{c:>8}" for c in cols), "  ".join(f"{100 * v:8.2f}" for v in vals)])
+    lines = [head, "  ".join(f"{c:>8}" for c in cols), "  ".join(f"{100 * v:8.2f}" for v in vals)]
+    subsets = query_subsets(search, protocol)
+    if subsets:
+        lines.append("query subsets (same galleries and rule):  " + "   ".join(
+            f"{name} ({s['n_queries']} queries): mAP {100 * s['mAP']:.2f}  top-1 {100 * s['top1']:.2f}"
+            for name, s in subsets.items()))
+    return "\n".join(lines)
+
+
+def iou_rule_text(rule: str) -> str:
+    return {"standard": "standard (IoU >= min(0.5, wh/((w+10)(h+10))))", "fixed": "fixed (IoU >= 0.5)"}[rule]
+
+
+def query_subsets(search, protocol) -> dict:
+    """mAP / top-k on each of the protocol's named query subsets (CUHK-SYSU occlusion, resolution)."""
+    return {name: subset_summary(search, idx) for name, idx in protocol.query_subsets.items()}
+
+
+def subset_notice(protocol) -> str | None:
+    """One line when a dataset's query subsets could not be (fully) read, else None."""
+    notes = {n: t for n, t in protocol.notes.get("query_subsets", {}).items() if n not in protocol.query_subsets}
+    if not notes:
+        return None
+    return (f"note: {protocol.dataset} query subsets not scored: "
+            + "; ".join(f"{n} {t}" for n, t in notes.items()) + " -- only the full query set is reported")
 
 
 def write_eval(out: Path, dataset: str, protocol, search, detection, labeled, settings, source: str,
@@ -187,6 +216,9 @@ def write_eval(out: Path, dataset: str, protocol, search, detection, labeled, se
         "settings": dataclasses.asdict(settings),
         "gallery_size": protocol.gallery_size,
         "search": search.summary(),
+        "iou_rule": settings.iou_rule,
+        "query_subsets": query_subsets(search, protocol),
+        "query_subset_files": protocol.notes.get("query_subsets", {}),
         "detection": {**detection.summary(), "det_thresh": 0.01, "iou_thresh": 0.5},
         "detection_labeled_only": labeled.summary(),
     }
@@ -238,6 +270,9 @@ def cmd_eval(args, log=print) -> dict:
     t0 = time.perf_counter()
     search, detection, labeled = score(protocol, inputs, settings)
     log(f"scored in {time.perf_counter() - t0:.2f}s")
+    notice = subset_notice(protocol)
+    if notice:
+        log(notice)
     log(format_table(args.dataset, search, detection, labeled, settings, protocol))
     metrics = write_eval(out, args.dataset, protocol, search, detection, labeled, settings, source,
                          cfg.eval.visualize, log)
@@ -312,7 +347,7 @@ def cmd_train(args, log=print) -> Path:
             eval_args = argparse.Namespace(dataset=args.dataset, root=args.root, config=None, overrides=[],
                                            out=str(out / f"eval_{args.dataset}"), checkpoint=str(out),
                                            results=None, gallery_size=None, cbgm=False, det_thresh=None,
-                                           cross_camera=False, device=str(accelerator.device))
+                                           cross_camera=False, iou_rule=None, device=str(accelerator.device))
             cmd_eval(eval_args, log)
     del model
     end_distributed(accelerator)

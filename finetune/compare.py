@@ -48,9 +48,18 @@ def compare_table(paths: list[str | Path], names: list[str] | None = None) -> st
         raise CompareError(f"{len(paths)} metrics files but {len(names)} names")
     rows = [(n, load_metrics(p)) for n, p in zip(names, paths)]
     datasets = sorted({m.get("dataset", "?") for _, m in rows})
-    head = "| init | " + " | ".join(f"{c} (%)" for c, _ in COLUMNS) + " |"
-    sep = "|---|" + "---:|" * len(COLUMNS)
-    lines = [f"dataset: {', '.join(datasets)}", "", head, sep]
+    rules = sorted({iou_rule_of(m) for _, m in rows})
+    mixed = len(rules) > 1       # then every row names its rule: numbers under different rules do not compare
+    head = "| init | " + " | ".join(f"{c} (%)" for c, _ in COLUMNS) + (" | IoU rule" if mixed else "") + " |"
+    sep = "|---|" + "---:|" * len(COLUMNS) + ("---|" if mixed else "")
+    rule_line = f"IoU rule: {rules[0]}" if not mixed else "IoU rules DIFFER between rows (see the last column)"
+    lines = [f"dataset: {', '.join(datasets)}; {rule_line}", "", head, sep]
     for name, m in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{100 * _value(m, k):.2f}" for _, k in COLUMNS) + " |")
+        cells = [f"{100 * _value(m, k):.2f}" for _, k in COLUMNS] + ([iou_rule_of(m)] if mixed else [])
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def iou_rule_of(metrics: dict) -> str:
+    """The IoU rule of an evaluation; files from before the option existed used the standard one."""
+    return str(metrics.get("iou_rule", "standard"))

@@ -54,6 +54,7 @@ class FinetuneEvalConfig:
     gallery_size: int = 100               # CUHK-SYSU only: 50..4000 or -1 (full)
     cbgm: bool = False
     cross_camera: bool = False            # PRW multi-view variant
+    iou_rule: str = "standard"            # "standard" (small-box relaxed) | "fixed" (IoU 0.5)
     batch_size: int = 2                   # images per inference forward
     visualize: int = 4                    # queries drawn in topk.png (0: none)
 
@@ -93,6 +94,8 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError("train.batch_size, train.epochs and train.max_steps must be >= 1")
     if t.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"train.mixed_precision must be no|fp16|bf16, got {t.mixed_precision!r}")
+    if e.iou_rule not in ("standard", "fixed"):
+        raise ConfigError(f"eval.iou_rule must be standard|fixed, got {e.iou_rule!r}")
     if e.gallery_size not in (-1, 50, 100, 500, 1000, 2000, 4000):
         raise ConfigError(f"eval.gallery_size must be one of -1, 50, 100, 500, 1000, 2000, 4000, got {e.gallery_size}")
 

@@ -27,6 +27,10 @@ from typing import Sequence
 import numpy as np
 
 TOPK = (1, 5, 10)
+# How a detection is matched to a ground-truth box: "standard" = the CUHK-SYSU / PRW rule
+# (IoU >= min(0.5, w*h / ((w+10)*(h+10))), relaxed for small persons), "fixed" = IoU >= 0.5
+# for every box (what several recent evaluators use).  The numbers differ on small persons.
+IOU_RULES = ("standard", "fixed")
 # CBGM neighbourhood sizes used by SeqNet: (k1 gallery detections, k2 query context persons).
 CBGM_DEFAULTS = {"cuhk": (10, 3), "prw": (30, 4)}
 # SeqNet's Kuhn-Munkres keeps the best matched weight starting from this floor.
@@ -85,6 +89,7 @@ class SearchSettings:
     k1: int | None = None          # None: the protocol family's default
     k2: int | None = None
     cross_camera: bool = False     # PRW multi-view variant (same-camera frames excluded)
+    iou_rule: str = "standard"     # one of IOU_RULES
     topk: tuple[int, ...] = TOPK
     keep_top: int = 10             # ranked detections kept per query (visualisation, JSON)
 
@@ -174,6 +179,16 @@ def small_box_iou_thresh(gt_boxes: np.ndarray) -> np.ndarray:
     w = gt_boxes[:, 2] - gt_boxes[:, 0]
     h = gt_boxes[:, 3] - gt_boxes[:, 1]
     return np.minimum(0.5, (w * h) / ((w + 10.0) * (h + 10.0)))
+
+
+def match_iou_thresh(gt_boxes: np.ndarray, rule: str = "standard") -> np.ndarray:
+    """Per ground-truth box, the IoU a detection needs to count as that person
+    under ``rule`` (see :data:`IOU_RULES`)."""
+    if rule == "standard":
+        return small_box_iou_thresh(gt_boxes)
+    if rule == "fixed":
+        return np.full(np.asarray(gt_boxes).shape[0], 0.5)
+    raise EvaluationError(f"iou_rule must be one of {IOU_RULES}, got {rule!r}")
 
 
 # --------------------------------------------------------------------------- ranking metrics
@@ -506,7 +521,7 @@ def _row_sims(index: GalleryIndex, qfeats: np.ndarray, rq: np.ndarray, rd: np.nd
     return out
 
 
-def _label_rows(index: GalleryIndex, gt_table, rq, rd, rgt, sims) -> np.ndarray:
+def _label_rows(index: GalleryIndex, gt_table, rq, rd, rgt, sims, iou_rule: str = "standard") -> np.ndarray:
     """True positives: in each (query, gt image) pair only the first detection
     in descending similarity order whose IoU reaches the box's threshold."""
     y_true = np.zeros(rq.size, bool)
@@ -514,7 +529,7 @@ def _label_rows(index: GalleryIndex, gt_table, rq, rd, rgt, sims) -> np.ndarray:
     if r.size == 0:
         return y_true
     gt = gt_table[rgt[r]]
-    cand = r[box_iou_pairs(index.boxes[rd[r]], gt) >= small_box_iou_thresh(gt)]
+    cand = r[box_iou_pairs(index.boxes[rd[r]], gt) >= match_iou_thresh(gt, iou_rule)]
     if cand.size == 0:
         return y_true
     pair = rq[cand] * len(index.keys) + index.img[rd[cand]]
@@ -665,7 +680,7 @@ def _evaluate_plan(plan, index: GalleryIndex, q: np.ndarray, protocol, inputs, s
                 a, b = bounds[c], bounds[c + 1]
                 _cbgm_rescore(index, rd[a:b], sims[a:b], inputs.query_context[lo + c],
                               np.asarray(protocol.queries[lo + c].box, np.float64), *cbgm)
-        y_true = _label_rows(index, plan.gt_table, rq, rd, rgt, sims)
+        y_true = _label_rows(index, plan.gt_table, rq, rd, rgt, sims, settings.iou_rule)
         filled = counts > 0
         sc = _chunk_scores(sims, y_true, rq, hi - lo, np.asarray(count_gt, np.int64), settings.keep_top,
                            pq[filled], (np.cumsum(counts) - counts)[filled], lo)
@@ -729,13 +744,33 @@ def _aggregate(results: list[QueryResult], settings: SearchSettings, notes: dict
         raise EvaluationError("the protocol has no queries")
     m_ap = float(np.mean([r.ap for r in results]))
     topk = {k: float(np.mean([r.hits[k] for r in results])) for k in settings.topk}
-    notes = {"det_thresh": settings.det_thresh, "cbgm": bool(settings.cbgm), **notes}
+    notes = {"det_thresh": settings.det_thresh, "cbgm": bool(settings.cbgm), "iou_rule": settings.iou_rule, **notes}
     return SearchMetrics(m_ap, topk, results, notes)
+
+
+def subset_summary(metrics: SearchMetrics, indices: Sequence[int]) -> dict:
+    """mAP / top-k over the queries ``indices`` (protocol query positions) of an
+    evaluation already run on the whole query set: each query's result does not
+    depend on the others, so a subset is an average over its rows."""
+    by_index = {r.index: r for r in metrics.per_query}
+    missing = [int(i) for i in indices if int(i) not in by_index]
+    if missing:
+        raise EvaluationError(f"query subset names queries {missing[:5]} that the evaluation does not hold")
+    rows = [by_index[int(i)] for i in indices]
+    if not rows:
+        raise EvaluationError("a query subset is empty")
+    out = {"mAP": float(np.mean([r.ap for r in rows]))}
+    for k in sorted(rows[0].hits):
+        out[f"top{k}"] = float(np.mean([r.hits[k] for r in rows]))
+    out["n_queries"] = len(rows)
+    return out
 
 
 def eval_search(protocol, inputs: SearchInputs, settings: SearchSettings | None = None) -> SearchMetrics:
     """Dispatch on the protocol kind: per-query galleries (CUHK-SYSU) or
     "all frames but the query's" (PRW, PoseTrack21)."""
+    if settings is not None and settings.iou_rule not in IOU_RULES:
+        raise EvaluationError(f"iou_rule must be one of {IOU_RULES}, got {settings.iou_rule!r}")
     if protocol.per_query_gallery is not None:
         if len(protocol.per_query_gallery) != len(protocol.queries):
             raise EvaluationError("per_query_gallery must hold one gallery list per query")

@@ -36,3 +36,16 @@ def test_cli_writes_table_and_rejects_bad_input(tmp_path, capsys):
     assert "no metrics.json" in capsys.readouterr().err
     with pytest.raises(CompareError, match="2 metrics files but 1 names"):
         compare_table([a, a], ["only-one"])
+
+
+def test_mixed_iou_rules_are_named_per_row(tmp_path):
+    a = _metrics(tmp_path, "a", 0.10, 0.2, 0.4)                  # an older file: standard rule
+    b = _metrics(tmp_path, "b", 0.12, 0.2, 0.4)
+    m = json.loads((b / "metrics.json").read_text())
+    (b / "metrics.json").write_text(json.dumps({**m, "iou_rule": "fixed"}))
+    same = compare_table([a, a], ["x", "y"])
+    assert "IoU rule: standard" in same.splitlines()[0] and "| IoU rule" not in same
+    mixed = compare_table([a, b], ["std", "fix"])
+    assert "IoU rules DIFFER" in mixed.splitlines()[0]
+    rows = {r.split("|")[1].strip(): r.split("|")[-2].strip() for r in mixed.splitlines() if r.startswith("| ")}
+    assert rows["std"] == "standard" and rows["fix"] == "fixed"

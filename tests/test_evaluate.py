@@ -151,6 +151,52 @@ def test_small_box_iou_rule(gt, det, counts):
     assert q.ap == pytest.approx(1.0 if counts else 0.0)
 
 
+@pytest.mark.parametrize("kind", ["prw", "cuhk"])
+def test_iou_rule_fixed_refuses_what_standard_accepts_for_small_boxes(kind):
+    """A 10x20 person: standard threshold 200/(20*30) = 0.333, fixed 0.5.  A det
+    covering 8 of its 20 rows has IoU 80/200 = 0.4: a hit under standard only.
+    A 100x300 person needs 0.5 under both rules: the det at IoU 0.6 (180 of 300
+    rows) counts under both, so the rules agree on big boxes."""
+    small, small_det = [0, 0, 10, 20], [0, 0, 10, 8]
+    big, big_det = [50, 0, 150, 300], [50, 0, 150, 180]
+    gallery = [gimg("q", [[500, 0, 520, 40]], [1]), gimg("s", [small], [1]), gimg("b", [big], [1])]
+    per_query = [[("s", small), ("b", big)]] if kind == "cuhk" else None
+    protocol = Protocol("cuhk_sysu" if kind == "cuhk" else "prw", [Query(0, "q", ref("q"), [500, 0, 520, 40], 1)],
+                        gallery, per_query_gallery=per_query, gallery_size=50 if kind == "cuhk" else None)
+    # the small person's det ranks first (similarity 0.9), the big one's second (0.5)
+    inputs = SearchInputs({"q": dets([]), "s": dets([(small_det, 0.9, 0.9)]), "b": dets([(big_det, 0.9, 0.5)])}, E0)
+    std = eval_search(protocol, inputs, SearchSettings(iou_rule="standard"))
+    fixed = eval_search(protocol, inputs, SearchSettings(iou_rule="fixed"))
+    assert (std.per_query[0].count_tp, fixed.per_query[0].count_tp) == (2, 1)
+    assert std.mAP == pytest.approx(1.0)                 # both hits, ranks 1 and 2
+    assert fixed.mAP == pytest.approx(0.5 * 0.5)         # one hit at rank 2: AP 1/2, times recall 1/2
+    assert (std.topk[1], fixed.topk[1]) == (1.0, 0.0)
+    assert std.summary()["iou_rule"] == "standard" and fixed.summary()["iou_rule"] == "fixed"
+
+
+def test_iou_rule_unknown_is_a_clear_error():
+    protocol, inputs = prw_case()
+    with pytest.raises(EvaluationError, match="iou_rule must be one of"):
+        eval_search(protocol, inputs, SearchSettings(iou_rule="coco"))
+
+
+def test_subset_summary_averages_the_subset_rows():
+    from finetune.evaluate import subset_summary
+
+    protocol, inputs = cuhk_case(gallery_size=50)
+    # two queries: the first is the hand case (AP 5/9), the second finds nothing (AP 0)
+    protocol.queries.append(Query(1, "q", ref("q"), BIG, 1))
+    protocol.per_query_gallery.append([("n1", OTHER)])     # n1 is only detected at BIG
+    inputs.query_feats = np.concatenate([E0, -E0])
+    m = eval_search(protocol, inputs)
+    assert subset_summary(m, [0]) == {"mAP": pytest.approx(5 / 9), "top1": 1.0, "top5": 1.0, "top10": 1.0,
+                                      "n_queries": 1}
+    assert subset_summary(m, [1])["mAP"] == 0.0
+    assert subset_summary(m, [0, 1])["mAP"] == pytest.approx(m.mAP)
+    with pytest.raises(EvaluationError, match="does not hold"):
+        subset_summary(m, [2])
+
+
 def test_no_true_positive_gives_zero_ap_without_warning():
     protocol, inputs = prw_case()
     for key in ("a", "b"):

@@ -296,6 +296,54 @@ def test_eval_results_cuhk_gallery_sizes(cuhk, tmp_path):
         assert metrics["search"]["top1"] == 1.0 and metrics["search"]["mAP"] > 0.9
 
 
+def test_eval_cuhk_iou_rule_and_query_subsets(cuhk, tmp_path, capsys):
+    """The rule is in the table header and metrics.json; the occlusion and
+    resolution subsets are scored from the release's subset files."""
+    root, truth = cuhk
+    protocol = load_protocol("cuhk_sysu", root, 100)
+    inputs = _oracle(protocol)
+    occluded = truth["query_subsets"]["occlusion"]
+    inputs.query_feats[occluded] *= -1          # the occluded queries now rank their person last
+    path = write_results(tmp_path / "r.npz", inputs, "cuhk_sysu")
+    base = ["eval", "--dataset", "cuhk_sysu", "--root", str(root), "--results", str(path), "eval.visualize=0"]
+    got = {}
+    for rule in ("standard", "fixed"):
+        out = tmp_path / rule
+        assert cli.main(base + ["--out", str(out), "--iou-rule", rule]) == 0
+        table = capsys.readouterr().out
+        assert f"IoU rule {rule}" in table.splitlines()[[i for i, l in enumerate(table.splitlines())
+                                                         if l.startswith("cuhk_sysu:")][0]]
+        assert "query subsets" in table and "occlusion" in table and "not scored" not in table
+        got[rule] = json.loads((out / "metrics.json").read_text())
+        assert got[rule]["iou_rule"] == rule and got[rule]["settings"]["iou_rule"] == rule
+        per_query = json.loads((out / "per_query.json").read_text())
+        for name, idx in truth["query_subsets"].items():
+            sub = got[rule]["query_subsets"][name]
+            assert sub["n_queries"] == len(idx)
+            assert sub["mAP"] == pytest.approx(np.mean([per_query[i]["ap"] for i in idx]))
+    occ = got["standard"]["query_subsets"]["occlusion"]
+    assert occ["top1"] == 0.0 < got["standard"]["search"]["top1"]
+    # oracle boxes are exact: both rules agree here (the hand cases in test_evaluate show where they differ)
+    assert got["fixed"]["search"]["mAP"] == pytest.approx(got["standard"]["search"]["mAP"])
+
+    # without the subset files: one line says so, the full set is still scored
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(root, bare)
+    shutil.rmtree(bare / "annotation/test/subset")
+    assert cli.main(["eval", "--dataset", "cuhk_sysu", "--root", str(bare), "--results", str(path),
+                     "eval.visualize=0", "--out", str(tmp_path / "bare_ev")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("query subsets not scored") == 1 and "absent" in out
+    assert json.loads((tmp_path / "bare_ev" / "metrics.json").read_text())["query_subsets"] == {}
+    assert cli.main(base + ["eval.iou_rule=coco", "--out", str(tmp_path / "x")]) == 2
+    assert "eval.iou_rule must be standard|fixed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:                     # argparse's own exit 2 for a bad choice
+        cli.main(base + ["--out", str(tmp_path / "x"), "--iou-rule", "coco"])
+    assert e.value.code == 2
+
+
 @pytest.mark.slow
 def test_accelerate_launch_two_processes(prw, tmp_path):
     """A real ``accelerate launch`` with two CPU processes (gloo): the loader is

@@ -169,6 +169,48 @@ def test_cuhk_mat_files_read_the_reference_way(release):
         assert scipy.io.loadmat(ann / "test/subset" / sub)[var].size >= 1
 
 
+def test_cuhk_query_subsets_both_layouts(release):
+    """Occlusion.mat (TestG layout) and Resolution.mat (plain query list) map
+    onto the protocol's query positions, whatever the gallery size."""
+    root, truth = release["cuhk_sysu"]
+    want = truth["query_subsets"]
+    assert want["occlusion"] and want["resolution"] and want["occlusion"] != want["resolution"]
+    occ = scipy.io.loadmat(root / "annotation/test/subset/Occlusion.mat")["Occlusion1"]
+    res = scipy.io.loadmat(root / "annotation/test/subset/Resolution.mat")["Test_Size"]
+    assert "Query" in occ.dtype.names and "Query" not in res.dtype.names    # the two layouts
+    for size in (50, 100, -1):
+        protocol = get_format("cuhk_sysu").load_protocol(root, gallery_size=size)
+        assert protocol.query_subsets == want
+        assert protocol.notes["query_subsets"]["occlusion"].startswith(f"Occlusion.mat: {len(want['occlusion'])} queries")
+    # the low-resolution subset really holds the smallest query boxes
+    areas = [(q["box"][2] - q["box"][0]) * (q["box"][3] - q["box"][1]) for q in truth["protocol"]["queries"]]
+    assert max(areas[i] for i in want["resolution"]) <= min(a for i, a in enumerate(areas) if i not in want["resolution"])
+
+
+def test_cuhk_query_subsets_absent_or_damaged(release, tmp_path):
+    src, truth = release["cuhk_sysu"]
+    root = tmp_path / "cuhk"
+    shutil.copytree(src, root)
+    sub = root / "annotation/test/subset"
+    (sub / "Resolution.mat").unlink()
+    (sub / "Occlusion.mat").write_bytes(b"MATLAB 5.0 MAT-file, but cut short")
+    protocol = get_format("cuhk_sysu").load_protocol(root)
+    assert protocol.query_subsets == {}
+    notes = protocol.notes["query_subsets"]
+    assert notes["resolution"].startswith("absent") and notes["occlusion"].startswith("unreadable")
+    # a subset naming one query the protocol does not have keeps the others, says so
+    shutil.rmtree(sub)
+    sub.mkdir()
+    occ = scipy.io.loadmat(src / "annotation/test/subset/Occlusion.mat")["Occlusion1"]
+    occ[0, 0]["Query"][0, 0]["imname"] = np.array(["s999999.jpg"])
+    occ[0, 0]["Query"][0, 0]["idname"] = np.array(["nobody"])
+    scipy.io.savemat(sub / "Occlusion.mat", {"Occlusion1": occ})
+    protocol = get_format("cuhk_sysu").load_protocol(root)
+    assert protocol.query_subsets["occlusion"] == truth["query_subsets"]["occlusion"][1:]
+    assert "1 entries match no TestG50 query" in protocol.notes["query_subsets"]["occlusion"]
+    assert protocol.notes["query_subsets"]["resolution"].startswith("absent")
+
+
 def test_cuhk_uint16_boxes_cast_before_arithmetic(release, tmp_path):
     """x + w must not wrap around in uint16 (65000 + 1000)."""
     src, _ = release["cuhk_sysu"]

@@ -8,6 +8,8 @@ Layout (see docs/reference ``ps_datasets_eval.md`` section 1)::
     root/annotation/pool.mat                pool: cell of test (gallery) image names
     root/annotation/test/train_test/Train.mat         Train: cell of 1x1 structs
     root/annotation/test/train_test/TestG{K}.mat      TestG{K}: Query/Gallery structs
+    root/annotation/test/subset/Occlusion.mat         Occlusion1: occluded queries (optional)
+    root/annotation/test/subset/Resolution.mat        Test_Size: low-resolution queries (optional)
 
 Splits follow the standard loaders (SeqNet/NAE/AlignPS): ``test`` = the pool
 images in pool.mat order (the order evaluators zip detections with),
@@ -49,6 +51,9 @@ PROTOCOL_DIR = ANNOTATION_DIR / "test" / "train_test"
 GALLERY_SIZES = (50, 100, 500, 1000, 2000, 4000)
 DEFAULT_GALLERY_SIZE = 100
 FULL_GALLERY = -1  # "search the whole test set": TestG50 lists + every other pool image
+SUBSET_DIR = ANNOTATION_DIR / "test" / "subset"
+# name -> (file, variable) of the release's query subsets (187 occluded, 290 low-resolution queries)
+QUERY_SUBSETS = {"occlusion": ("Occlusion.mat", "Occlusion1"), "resolution": ("Resolution.mat", "Test_Size")}
 
 
 # --------------------------------------------------------------------------- .mat access
@@ -136,7 +141,8 @@ def _read_testg(root: Path, size: int) -> list[dict]:
     for entry in _structs(_variable(_loadmat(path), f"TestG{size}", path)):
         query = np.asarray(entry["Query"]).ravel()[0]
         gallery = [(_mat_str(g["imname"]), _mat_xywh(g["idlocate"])) for g in _structs(entry["Gallery"])]
-        queries.append({"imname": _mat_str(query["imname"]), "box": _mat_xywh(query["idlocate"]), "gallery": gallery})
+        queries.append({"imname": _mat_str(query["imname"]), "box": _mat_xywh(query["idlocate"]), "gallery": gallery,
+                        "idname": _mat_str(query["idname"]) if "idname" in (query.dtype.names or ()) else ""})
     return queries
 
 
@@ -278,11 +284,81 @@ def load_protocol(root, gallery_size=None) -> Protocol:
         for r in parse(root, "test")
         if isinstance(r, Record)
     ]
+    subsets, subset_notes = read_query_subsets(root, queries50)
     return Protocol(
         dataset=NAME, queries=queries, gallery=gallery, per_query_gallery=per_query, gallery_size=size,
         notes={"protocol_file": _testg_path(root, 50 if size == FULL_GALLERY else size).name,
-               "full_gallery": size == FULL_GALLERY},
+               "full_gallery": size == FULL_GALLERY, "query_subsets": subset_notes},
+        query_subsets=subsets,
     )
+
+
+def _unwrap(value):
+    """A struct element out of the 1x1 cells / object arrays MATLAB wraps it in."""
+    while isinstance(value, np.ndarray) and value.size == 1 and value.dtype.names is None:
+        value = value.ravel()[0]
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.ravel()[0]
+    return value
+
+
+def _subset_entry(entry) -> tuple[str, tuple[int, ...], str]:
+    """``(imname, xywh, idname)`` of one subset entry.  Two layouts are read,
+    since the reference does not describe the files' inside: the TestG one (a
+    ``Query`` struct per entry, maybe with its ``Gallery``) and a plain list of
+    query structs (``imname``, ``idlocate``[, ``idname``])."""
+    entry = _unwrap(entry)
+    names = getattr(entry, "dtype", None) is not None and entry.dtype.names or ()
+    if "Query" in names:
+        entry = _unwrap(entry["Query"])
+        names = entry.dtype.names or ()
+    if "imname" not in names or "idlocate" not in names:
+        raise ValueError(f"an entry has fields {list(names)}; expected Query or imname + idlocate")
+    idname = _mat_str(entry["idname"]) if "idname" in names else ""
+    return _mat_str(entry["imname"]), _mat_xywh(entry["idlocate"]), idname
+
+
+def _read_subset(path: Path, variable: str, queries50: list[dict]) -> tuple[list[int], str]:
+    """Protocol query positions of one subset file, and a line describing it."""
+    mat = _loadmat(path)
+    found = [k for k in mat if not k.startswith("__")]
+    if variable not in mat and len(found) != 1:
+        raise ValueError(f"no variable {variable!r} (found {sorted(found)})")
+    entries = _structs(mat[variable] if variable in mat else mat[found[0]])
+    by_box = {(q["imname"], q["box"]): i for i, q in enumerate(queries50)}
+    by_id = {q["idname"]: i for i, q in enumerate(queries50) if q["idname"]}
+    chosen, unmatched = set(), 0
+    for entry in entries:
+        imname, xywh, idname = _subset_entry(entry)
+        i = by_box.get((imname, xywh), by_id.get(idname) if idname else None)
+        if i is None:
+            unmatched += 1
+        else:
+            chosen.add(i)
+    if not chosen:
+        raise ValueError(f"none of its {len(entries)} entries is a TestG50 query")
+    extra = f"; {unmatched} entries match no TestG50 query and are left out" if unmatched else ""
+    return sorted(chosen), f"{path.name}: {len(chosen)} queries{extra}"
+
+
+def read_query_subsets(root, queries50: list[dict] | None = None) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """The occlusion / low-resolution query subsets, when the release's
+    ``annotation/test/subset`` files are there: ``({name: query positions},
+    {name: what was found})``.  A missing or unreadable file leaves its subset
+    out with a note; it never stops an evaluation of the full query set."""
+    root = Path(root)
+    queries50 = _read_testg(root, 50) if queries50 is None else queries50
+    subsets, notes = {}, {}
+    for name, (filename, variable) in QUERY_SUBSETS.items():
+        path = root / SUBSET_DIR / filename
+        if not path.is_file():
+            notes[name] = f"absent ({SUBSET_DIR / filename})"
+            continue
+        try:
+            subsets[name], notes[name] = _read_subset(path, variable, queries50)
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            notes[name] = f"unreadable ({SUBSET_DIR / filename}: {e})"
+    return subsets, notes
 
 
 def _check_same_queries(reference: list[dict], other: list[dict], size: int) -> None:

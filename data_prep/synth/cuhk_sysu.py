@@ -14,10 +14,13 @@ box crossing the image border.
 
 The pool is tiny, so ``TestG{K}`` lists ``min(K, pool - 1)`` gallery entries
 (the real files always list exactly K); the negatives are drawn separately
-for every K, so the files differ in content and order.  The subset files are
-written with the TestG structure (Query/Gallery per subset query, gallery
-from TestG100); that structure is an assumption -- the reference does not
-describe it -- and no parser reads them.
+for every K, so the files differ in content and order.  The subset files
+(a quarter of the queries each: a random "occluded" set and the smallest
+query boxes as "low resolution") use the two layouts the parser reads, since
+the reference does not describe their inside: ``Occlusion1`` has the TestG
+structure (Query/Gallery per subset query, gallery from TestG100) and
+``Test_Size`` is a plain struct list of queries (imname, idlocate, ishard,
+idname).  Their query positions are the truth's ``query_subsets``.
 """
 from __future__ import annotations
 
@@ -190,7 +193,7 @@ def _testg_struct(test_ids, test_app, galleries: list, indices) -> np.ndarray:
     return arr
 
 
-def _write_mats(root: Path, rng, scenes, train_ids, test_ids, train_app, test_app, pool, galleries) -> None:
+def _write_mats(root: Path, rng, scenes, train_ids, test_ids, train_app, test_app, pool, galleries) -> dict:
     import scipy.io
 
     ann = root / "annotation"
@@ -218,8 +221,21 @@ def _write_mats(root: Path, rng, scenes, train_ids, test_ids, train_app, test_ap
     occluded = sorted(int(i) for i in rng.choice(len(test_ids), max(1, len(test_ids) // 4), replace=False))
     by_area = sorted(every, key=lambda i: np.prod(test_app[test_ids[i]][0].find(test_ids[i]).xywh[2:]))
     small = sorted(by_area[: max(1, len(test_ids) // 4)])
-    for filename, variable, indices in (("Occlusion.mat", "Occlusion1", occluded), ("Resolution.mat", "Test_Size", small)):
-        scipy.io.savemat(str(subset / filename), {variable: _testg_struct(test_ids, test_app, galleries[100], indices)})
+    scipy.io.savemat(str(subset / "Occlusion.mat"),
+                     {"Occlusion1": _testg_struct(test_ids, test_app, galleries[100], occluded)})
+    scipy.io.savemat(str(subset / "Resolution.mat"), {"Test_Size": _query_list_struct(test_ids, test_app, small)})
+    return {"occlusion": occluded, "resolution": small}
+
+
+def _query_list_struct(test_ids, test_app, indices) -> np.ndarray:
+    """A subset as a plain 1xN struct list of queries (the second layout the parser reads)."""
+    arr = np.zeros((1, len(indices)), dtype=[("imname", "O"), ("idlocate", "O"), ("ishard", "O"), ("idname", "O")])
+    for col, i in enumerate(indices):
+        ident = test_ids[i]
+        qs = test_app[ident][0]
+        arr[0, col] = (_s(qs.name), np.array([qs.find(ident).xywh], dtype=np.uint16),
+                       np.array([[0]], dtype=np.uint8), _s(ident))
+    return arr
 
 
 def _write_images(root: Path, seed: int, scenes: list[Scene]) -> None:
@@ -274,7 +290,8 @@ def _expected_protocol(test_ids, test_app, galleries) -> dict:
 def write(root: Path, seed: int = 0, size: str = "tiny") -> dict:
     """Write a CUHK-SYSU-like release under ``root``; return the truth
     (CONTRACTS section 2) plus ``protocol`` (queries and per-query galleries
-    for every gallery size, -1 = TestG50's) and ``num_train_ids``."""
+    for every gallery size, -1 = TestG50's), ``num_train_ids`` and
+    ``query_subsets`` (query positions of the occlusion / resolution files)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     root = Path(root)
@@ -283,7 +300,7 @@ def write(root: Path, seed: int = 0, size: str = "tiny") -> dict:
     _add_box_edge_cases(train_scenes, nobody)
     galleries = _galleries(seed, pool, test_ids, test_app)
     _write_images(root, seed, scenes)
-    _write_mats(root, rng, scenes, train_ids, test_ids, train_app, test_app, pool, galleries)
+    subsets = _write_mats(root, rng, scenes, train_ids, test_ids, train_app, test_app, pool, galleries)
 
     train_sorted = sorted(train_scenes, key=lambda s: s.name)
     test_truth = _expected_split(pool, {ident: i for i, ident in enumerate(test_ids)})
@@ -296,4 +313,5 @@ def write(root: Path, seed: int = 0, size: str = "tiny") -> dict:
         "protocol": _expected_protocol(test_ids, test_app, galleries),
         "pool": [s.name[:-4] for s in pool],
         "num_train_ids": len(train_ids),
+        "query_subsets": subsets,
     }
