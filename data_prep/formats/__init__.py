@@ -31,6 +31,8 @@ FORMATS = (
     "cuhk_sysu",
     "prw",
     "posetrack21",
+    "coco",          # your own data: COCO-format person detection
+    "crops",         # your own data: a folder of re-ID crops
 )
 
 
