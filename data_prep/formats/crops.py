@@ -20,8 +20,8 @@ with ``.``: ``.ipynb_checkpoints``, ``.DS_Store``).
 One record per crop, box = the whole crop.  With folders, ``Record.ids`` is
 the position of the identity folder's name in sorted order (0, 1, ...; the
 name is in ``Record.extra["identity"]``) and the records are labeled; loose
-files and every image under ``labels=none`` get id -1, so the builder gives
-each its own pseudo identity.  Keys are the path below ``root`` without the
+files and every image under ``labels=none`` are unlabeled records with id -1,
+so the builder gives each its own pseudo identity.  Keys are the path below ``root`` without the
 suffix through :func:`~data_prep.record.safe_key` (``alice/0001.jpg`` ->
 ``alice_0001``); two files mapping to one key (``a.jpg`` and ``a.png``) keep
 the first, the other is ``Skip("duplicate_key")``.  Unreadable or broken
@@ -89,7 +89,9 @@ def scan(root) -> tuple[list[str], dict[str, list[str]]]:
     return loose, folders
 
 
-def resolve_labels(labels: str, folders: dict) -> str:
+def resolve_labels(labels, folders: dict) -> str:
+    if labels is None or labels is False:      # the CLI reads "labels=none" / "false" as None / False
+        labels = "none"
     if labels not in LABEL_MODES:
         raise ValueError(f"crops: labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
     if labels == "auto":
@@ -138,7 +140,7 @@ def parse(root, split: str = "train", labels: str = "auto") -> Iterator[ParseIte
             yield Skip(NAME, split, "duplicate_key", rel, f"key {key!r} already used by {by_key[key][0]}")
             continue
         by_key[key] = (rel, pid, name)
-    labeled = mode == "folders"
     for key in sorted(by_key):
         rel, pid, name = by_key[key]
-        yield _crop_item(root, rel, key, split, pid, name, labeled)
+        # a loose crop is unlabeled even beside identity folders: it joins L_con like any unlabeled sample
+        yield _crop_item(root, rel, key, split, pid, name, labeled=pid >= 0)
