@@ -264,3 +264,99 @@ def test_short_pretraining_run_on_custom_sources(custom_build, tmp_path):
     assert [h["step"] for h in hist] == [1, 2, 3]
     assert all(math.isfinite(h["loss"]) and "loss_det_img" in h and "loss_reid_img" in h for h in hist)
     assert json.loads((run / "meta.json").read_text())["steps"] == 3
+
+
+# --------------------------------------------------------------------------- hostile inputs (the real build)
+def _build(out: Path, name: str, root: Path, *extra) -> int:
+    from data_prep import cli
+
+    return cli.main(["build", str(out), "--source", f"{name}={root}", "--quiet", "--workers", "1", *map(str, extra)])
+
+
+def _skipped(out: Path, name: str) -> dict:
+    from data_prep.manifest import load_manifest
+
+    return load_manifest(out)["datasets"][name]["splits"]["train"]["skipped"]
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e30"])
+def test_coco_non_finite_box_dropped_by_the_shared_record_check(coco_copy, tmp_path, value):
+    import numpy as np
+
+    from data_prep.manifest import load_manifest, shard_paths
+    from data_prep.preview import read_samples
+
+    root = _copy(coco_copy[0], tmp_path)
+    path = _instances(root)
+    base = tmp_path / "base"
+    assert _build(base, "coco", root) == 0
+    text = path.read_text()
+    doc = json.loads(text)
+    ann = next(a for a in sorted(doc["annotations"], key=lambda a: a["id"])
+               if a["category_id"] == 7 and a["image_id"] == 3 and not a["iscrowd"])
+    ann["bbox"] = [float(value), 5.0, 20.0, 40.0] if value != "1e30" else [5.0, 5.0, 1e30, 40.0]
+    path.write_text(json.dumps(doc))                 # json writes NaN / Infinity literals, as some exporters do
+    out = tmp_path / "out"
+    assert _build(out, "coco", root) == 0
+    got, was = _skipped(out, "coco"), _skipped(base, "coco")
+    assert got.get("non_finite_box") == 1 and {k: v for k, v in got.items() if k != "non_finite_box"} == was
+    for p in shard_paths(load_manifest(out), out):
+        for s in read_samples(p):
+            boxes = np.asarray(json.loads(s["json"])["boxes"], np.float64)
+            assert np.isfinite(boxes).all() and np.abs(boxes).max() <= 1e6
+
+
+def test_coco_bad_json_is_exit_2_one_line(coco_copy, tmp_path, capsys):
+    root = _copy(coco_copy[0], tmp_path)
+    path = _instances(root)
+    path.write_bytes(path.read_bytes()[: 500])        # cut short, as after an interrupted download
+    assert _build(tmp_path / "out", "coco", root) == 2
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if "error" in line]     # the planning log precedes it
+    assert "Traceback" not in err and len(errors) == 1 and errors[0] == err.splitlines()[-1]
+    assert "not valid JSON" in errors[0] and path.name in errors[0]
+
+
+def test_coco_wrong_types_cost_one_entry(coco_copy, tmp_path):
+    root = _copy(coco_copy[0], tmp_path)
+    path = _instances(root)
+    doc = json.loads(path.read_text())
+    base = tmp_path / "base"
+    assert _build(base, "coco", root) == 0
+    doc["annotations"] += [
+        {"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, "wide", 40]},
+        {"id": 2, "image_id": [1], "category_id": 7, "bbox": [1, 1, 20, 40]},
+        {"id": 3, "image_id": 1, "category_id": {"name": "person"}, "bbox": [1, 1, 20, 40]},
+        {"id": 4, "image_id": 1, "category_id": 7, "bbox": [1, 1, True, 40]},
+        "not an object",
+    ]
+    doc["images"].append({"id": 777, "file_name": "/etc/passwd", "width": 1, "height": 1})
+    path.write_text(json.dumps(doc))
+    assert _build(tmp_path / "out", "coco", root) == 0
+    got, was = _skipped(tmp_path / "out", "coco"), _skipped(base, "coco")
+    assert got["malformed_annotation"] == was["malformed_annotation"] + 6
+    assert {k: v for k, v in got.items() if k != "malformed_annotation"} == {
+        k: v for k, v in was.items() if k != "malformed_annotation"}
+
+
+def test_crops_bomb_and_unreadable_crop_are_counted(crops_copy, tmp_path):
+    import struct
+    import zlib
+
+    def png_claiming(w, h):
+        def chunk(kind, body):
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+    root = _copy(crops_copy[0], tmp_path)
+    base = tmp_path / "base"
+    assert _build(base, "crops", root) == 0
+    (root / "alice" / "bomb.png").write_bytes(png_claiming(60000, 60000))
+    expect = {**_skipped(base, "crops"), "too_large_image": 1}
+    if os.geteuid() != 0:                           # root reads files whatever their mode
+        victim = sorted((root / "alice").glob("0*.jpg"))[0]
+        victim.chmod(0)
+        expect["unreadable_file"] = 1
+    assert _build(tmp_path / "out", "crops", root) == 0
+    assert _skipped(tmp_path / "out", "crops") == expect
