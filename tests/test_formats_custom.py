@@ -279,7 +279,7 @@ def _skipped(out: Path, name: str) -> dict:
     return load_manifest(out)["datasets"][name]["splits"]["train"]["skipped"]
 
 
-@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e30"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e30", "1e400", "10**400"])
 def test_coco_non_finite_box_dropped_by_the_shared_record_check(coco_copy, tmp_path, value):
     import numpy as np
 
@@ -292,14 +292,23 @@ def test_coco_non_finite_box_dropped_by_the_shared_record_check(coco_copy, tmp_p
     assert _build(base, "coco", root) == 0
     text = path.read_text()
     doc = json.loads(text)
+    size = {i["id"]: (i["width"], i["height"]) for i in doc["images"] if isinstance(i, dict)}
+
+    def inside(a):            # a person box the parser keeps as it is (no clipping)
+        x, y, w, h = a["bbox"]
+        return a["image_id"] in size and 0 <= x and 0 <= y and x + w <= size[a["image_id"]][0] \
+            and y + h <= size[a["image_id"]][1] and w > 1 and h > 1
     ann = next(a for a in sorted(doc["annotations"], key=lambda a: a["id"])
-               if a["category_id"] == 7 and a["image_id"] == 3 and not a["iscrowd"])
-    ann["bbox"] = [float(value), 5.0, 20.0, 40.0] if value != "1e30" else [5.0, 5.0, 1e30, 40.0]
+               if a["category_id"] == 7 and a.get("iscrowd") == 0 and len(a["bbox"]) == 4 and inside(a))
+    huge = {"1e30": 1e30, "10**400": 10 ** 400}       # 1e400 is read back as inf; 10**400 is an int literal
+    ann["bbox"] = [5.0, 5.0, huge[value], 40.0] if value in huge else [float(value), 5.0, 20.0, 40.0]
     path.write_text(json.dumps(doc))                 # json writes NaN / Infinity literals, as some exporters do
     out = tmp_path / "out"
     assert _build(out, "coco", root) == 0
     got, was = _skipped(out, "coco"), _skipped(base, "coco")
     assert got.get("non_finite_box") == 1 and {k: v for k, v in got.items() if k != "non_finite_box"} == was
+    fixed = lambda o: load_manifest(o)["datasets"]["coco"]["splits"]["train"]["fixed"]   # noqa: E731
+    assert fixed(out) == fixed(base)                 # no spurious "box_clipped" for the dropped box
     for p in shard_paths(load_manifest(out), out):
         for s in read_samples(p):
             boxes = np.asarray(json.loads(s["json"])["boxes"], np.float64)

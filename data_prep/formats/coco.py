@@ -47,7 +47,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from ..imageio import ImageError, header_size
-from ..record import ImageRef, ParseItem, Record, Skip, fit_box, safe_key
+from ..record import MAX_COORD, ImageRef, ParseItem, Record, Skip, fit_box, safe_key
 
 NAME = "coco"
 TASK = "det"
@@ -149,7 +149,10 @@ def _xywh_to_xyxy(raw) -> list[float] | None:
         return None
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw):
         return None
-    x, y, w, h = (float(v) for v in raw)
+    try:
+        x, y, w, h = (float(v) for v in raw)
+    except OverflowError:                 # an integer literal beyond float range
+        return [math.inf] * 4
     return [x, y, x + w, y + h]
 
 
@@ -243,8 +246,8 @@ def _fit(boxes, width: int, height: int, split: str) -> tuple[list[list[float]],
     kept: list[list[float]] = []
     notes: list[ParseItem] = []
     for _, box, where in sorted(boxes, key=lambda b: b[0]):
-        if not all(math.isfinite(v) for v in box):
-            kept.append(box)              # the builder's record check drops it as non_finite_box
+        if not all(abs(v) <= MAX_COORD for v in box):     # NaN, inf or absurd: False for all of them
+            kept.append(box)              # the builder's one record check drops it as non_finite_box
             continue
         if box[2] <= box[0] or box[3] <= box[1]:
             notes.append(Skip(NAME, split, "degenerate_box", where, f"w or h <= 0: {box}"))
