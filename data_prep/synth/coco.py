@@ -7,8 +7,8 @@ Layout written under ``root``::
 
 Categories are ``bicycle`` (id 1), ``car`` (3) and ``person`` (7): the person
 category is found by name, not by COCO's id 1.  Scenes hold 2-6 people, some
-crossing the border, drawn with a few bicycles and cars the parser must
-ignore.  Edge cases (train, both sizes): a crowd region (``iscrowd: 1``) ->
+crossing the border; each also has a bicycle annotation (not drawn) that the
+parser must ignore.  Edge cases (train, both sizes): a crowd region (``iscrowd: 1``) ->
 ignore region, a zero-width and a negative-height box, a box entirely outside
 the image, a 3-value bbox, an ``iscrowd`` that is a string, an annotation of
 an unknown image, an image with only cars, an image with no annotation, an
@@ -98,7 +98,7 @@ def _scene(split: str, index: int, seed: int, people: bool = True, sub: str = ""
     if people:
         for j, b in enumerate(place_people(rng, w, h, int(rng.integers(2, 7)), 0.25, 0.8, allow_outside=True)):
             sc.add([b[0], b[1], b[2] - b[0], b[3] - b[1]], look=appearance_for(seed, NAME, f"{split}/{index}/{j}"))
-        # vehicles: drawn as street furniture by the renderer's occluders, annotated here
+        # another category: annotated only, the parser must leave it out
         sc.add([w * 0.05, h * 0.7, w * 0.2, h * 0.15], category=BICYCLE)
     return sc, rng
 
