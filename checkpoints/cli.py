@@ -1,4 +1,4 @@
-"""``python -m checkpoints list | download | inspect | convert | add``."""
+"""``python -m checkpoints list | download | inspect | convert | add | push``."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ from . import registry
 from .arch import ARCHS, UnknownArchError, detect_arch
 from .convert import ConversionError, convert, mark_mismatches, non_finite_tensors, read_source, shape_mismatches
 from .download import ChecksumError, DownloadError, fetch, sha256_of
+from .hub import HubError
 from .layouts import ALIASES, LAYOUTS, UnknownLayoutError, get_layout
 from .layouts.base import backbone_view
 from .report import DEFAULT_MIN_FRACTION, InsufficientMatchError, group_counts
@@ -21,7 +22,7 @@ from .targets import TARGETS
 
 USER_ERRORS = (ChecksumError, DownloadError, ConversionError, InsufficientMatchError, StyleMismatchError,
                UnsafeFileError, NotAStateDictError, UnknownLayoutError, UnknownArchError, registry.RegistryError,
-               FileNotFoundError, FileExistsError, KeyError, ValueError)
+               HubError, FileNotFoundError, FileExistsError, KeyError, ValueError)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -148,6 +149,17 @@ def cmd_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push
+
+    commit, paths = push(args.run, args.repo, token=args.token, revision=args.revision, private=args.private,
+                         message=args.message)
+    print(f"pushed {', '.join(paths)} to {args.repo} (commit {commit})")
+    at = f"@{args.revision}" if args.revision else ""
+    print(f"load it with:\n    create_model(..., weights=\"hf://{args.repo}{at}\")  or  --init hf://{args.repo}{at}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m checkpoints",
                                 description="Released-weights registry, download, safe loading and conversion.")
@@ -217,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--notes")
     sp.add_argument("--replace", action="store_true")
     sp.set_defaults(func=cmd_add)
+
+    sp = sub.add_parser("push", help="publish a run folder (safetensors + config + model card) to the hub")
+    sp.add_argument("run", help="pre-training or fine-tuning run folder")
+    sp.add_argument("--repo", required=True, help="OWNER/NAME on the hub (created when missing)")
+    sp.add_argument("--token", help="hub token (default: $HF_TOKEN or the one `hf auth login` stored)")
+    sp.add_argument("--revision", help="branch to commit to (default: main)")
+    sp.add_argument("--private", action="store_true", help="create the repository private")
+    sp.add_argument("--message", help="commit message")
+    sp.set_defaults(func=cmd_push)
     return p
 
 
