@@ -1,4 +1,4 @@
-"""``python -m checkpoints list | download | inspect | convert | add | push``."""
+"""``python -m checkpoints list | download | inspect | convert | export | add | push``."""
 from __future__ import annotations
 
 import argparse
@@ -100,6 +100,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"use it with:\n    {res.config}")
     if args.report_json:
         Path(args.report_json).write_text(json.dumps(res.report.as_dict(), indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bundle import export_bundle
+
+    bundle = export_bundle(args.source, args.out, args.to, overwrite=args.overwrite, num_pids=args.num_pids,
+                           cq_size=args.cq_size, offline=args.offline)
+    print(f"exports in {Path(args.out)}/ (what loads each: {bundle.index})")
     return 0
 
 
@@ -217,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--report-json", help="also write the full report as JSON")
     net(sp)
     sp.set_defaults(func=cmd_convert)
+
+    sp = sub.add_parser("export", help="convert to every downstream layout the source's architecture fits")
+    sp.add_argument("source", help="pre-training run directory, weight file or registry name")
+    sp.add_argument("--out", required=True, help="folder for the files and EXPORTS.txt")
+    sp.add_argument("--to", nargs="+", choices=sorted(TARGETS),
+                    help="targets (default: torchvision timm mmdet detectron2, plus nae seqnet for ResNet-50)")
+    sp.add_argument("--overwrite", action="store_true", help="replace existing files")
+    sp.add_argument("--num-pids", type=int, default=5532, help="nae/seqnet OIM LUT size")
+    sp.add_argument("--cq-size", type=int, default=5000, help="nae/seqnet OIM circular queue size")
+    net(sp)
+    sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("add", help="add your own weights to the user registry")
     sp.add_argument("name")
