@@ -171,6 +171,12 @@ def test_create_model_from_a_published_run(world, tmp_path, monkeypatch, one_thr
         local = create_model("nae_resnet18", weights=run)
         assert m.det_thresh == local.det_thresh
         assert all(torch.equal(v, m.state_dict()[k]) for k, v in local.state_dict().items())
+        # fine-tuning's --init takes the same address (checkpoints.read_source)
+        from finetune.init import resolve_init
+
+        init = resolve_init("hf://me/tiny-prw")
+        assert init.backbone == "resnet18" and torch.equal(
+            init.state_dict["rpn.head.cls_logits.weight"], local.state_dict()["rpn.head.cls_logits.weight"])
     finally:
         hub.shutdown()
         hub.server_close()
