@@ -203,7 +203,10 @@ def _model_cfg(data: dict, **changes) -> ModelConfig:
     return cfg
 
 
-def _resolve(weights: str, scope: str, min_fraction: float, offline: bool | None) -> _Resolved:
+def _resolve(weights: str, offline: bool | None) -> _Resolved:
+    """The model config, det_thresh and weights that ``weights`` stands for.  A run folder
+    brings its config.yaml (sizes, anchors, eval.det_thresh); a bare file or registry entry
+    only its backbone and normalisation, the rest is ModelConfig's defaults (NAE's)."""
     from safetensors.torch import load_file
 
     from finetune.init import InitError, normalization_for_model, resolve_init
@@ -256,7 +259,7 @@ def create_model(name: str | None = "nae_resnet50", weights: str | Path | None =
             raise APIError("create_model(None) needs weights to say which model they are")
         resolved = _Resolved(ModelConfig(backbone=MODELS[name]), None, False, DEFAULT_DET_THRESH)
     else:
-        resolved = _resolve(str(weights), scope, min_fraction, offline)
+        resolved = _resolve(str(weights), offline)
     have = resolved.model_cfg.backbone
     if name is not None and MODELS[name] != have:
         wanted = {v: k for k, v in MODELS.items()}.get(have, f"a {have} model")

@@ -127,6 +127,11 @@ def test_create_model_from_the_other_weight_kinds(world, tmp_path, monkeypatch, 
     m = create_model("nae_resnet18", weights=pre)
     got = m.state_dict()
     assert all(torch.equal(got[k], v) for k, v in state.items() if not k.startswith("roi_heads.reid_loss."))
+    # one safetensors file (the fine-tuned model's, OIM table and all; the table is not loaded)
+    m1 = create_model("nae_resnet18", weights=run / "model.safetensors")
+    assert torch.equal(m1.state_dict()["roi_heads.embedding_head.projectors.feat_res5.0.weight"],
+                       state["roi_heads.embedding_head.projectors.feat_res5.0.weight"])
+    assert m1.det_thresh == 0.5                     # no run config next to a bare file: the evaluator's default
     # the same folder as a registry name
     monkeypatch.setenv("HYBRIDPS_REGISTRY", str(tmp_path / "registry.json"))
     assert ckpt_cli.main(["add", "my-tiny-run", str(pre)]) == 0
