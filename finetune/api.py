@@ -54,25 +54,13 @@ class PersonSearchModel(SearchModel):
     det_thresh: float = DEFAULT_DET_THRESH
     source: str = ""
 
-    @torch.no_grad()
     def embed_query(self, image, box: Sequence[float]) -> np.ndarray:
         """Unit embedding (D,) of the person in ``box`` (x1, y1, x2, y2 pixels) of ``image``."""
-        img = load_image(image)
-        b = _check_box(box, img.shape[-2:])
-        self.eval()
-        device = _device_of(self)
-        emb = self.extract_query([img.to(device)], [torch.as_tensor([b], dtype=torch.float32, device=device)])
-        return emb[0][0].float().cpu().numpy()
+        return embed_query(self, image, box)
 
-    @torch.no_grad()
     def detect(self, image) -> dict[str, np.ndarray]:
         """boxes (n, 4), scores (n,), feats (n, D) = unit embedding x score (the evaluator's gallery features)."""
-        self.eval()
-        det = self([load_image(image).to(_device_of(self))])[0]
-        scores = det["scores"].float()
-        feats = det["embeddings"].float() * scores[:, None]
-        return {"boxes": det["boxes"].float().cpu().numpy(), "scores": scores.cpu().numpy(),
-                "feats": feats.cpu().numpy()}
+        return detect(self, image)
 
     def search(self, query_image, query_box: Sequence[float], gallery_images: Sequence[Any], topk: int = 10,
                det_thresh: float | None = None) -> list[SearchHit]:
@@ -82,15 +70,43 @@ class PersonSearchModel(SearchModel):
         ``det_thresh``: detections scoring below it are not ranked (default: the run's
         ``eval.det_thresh``, else 0.5).
         """
-        thresh = self.det_thresh if det_thresh is None else det_thresh
-        if not (isinstance(thresh, (int, float)) and 0.0 <= thresh <= 1.0):
-            raise APIError(f"det_thresh must be in [0, 1], got {thresh!r}")
-        if not isinstance(topk, int) or topk < 1:
-            raise APIError(f"topk must be a positive int, got {topk!r}")
-        if isinstance(gallery_images, (str, Path)) or not len(gallery_images):
-            raise APIError("gallery_images must be a non-empty list of images")
-        query = self.embed_query(query_image, query_box)
-        return rank(query, [self.detect(g) for g in gallery_images], thresh, topk)
+        return search(self, query_image, query_box, gallery_images, topk, det_thresh)
+
+
+@torch.no_grad()
+def embed_query(model: SearchModel, image, box: Sequence[float]) -> np.ndarray:
+    """Unit embedding (D,) of the person in ``box`` of ``image`` (as finetune.engine.infer_queries)."""
+    img = load_image(image)
+    b = _check_box(box, img.shape[-2:])
+    model.eval()
+    device = _device_of(model)
+    emb = model.extract_query([img.to(device)], [torch.as_tensor([b], dtype=torch.float32, device=device)])
+    return emb[0][0].float().cpu().numpy()
+
+
+@torch.no_grad()
+def detect(model: SearchModel, image) -> dict[str, np.ndarray]:
+    """Detections of one image with CWS features (as finetune.engine.infer_gallery)."""
+    model.eval()
+    det = model([load_image(image).to(_device_of(model))])[0]
+    scores = det["scores"].float()
+    feats = det["embeddings"].float() * scores[:, None]
+    return {"boxes": det["boxes"].float().cpu().numpy(), "scores": scores.cpu().numpy(), "feats": feats.cpu().numpy()}
+
+
+def search(model: SearchModel, query_image, query_box: Sequence[float], gallery_images: Sequence[Any],
+           topk: int = 10, det_thresh: float | None = None) -> list[SearchHit]:
+    """:meth:`PersonSearchModel.search` for any search model (e.g. one from
+    ``pretrain.model.build_search_model``)."""
+    thresh = getattr(model, "det_thresh", DEFAULT_DET_THRESH) if det_thresh is None else det_thresh
+    if not (isinstance(thresh, (int, float)) and 0.0 <= thresh <= 1.0):
+        raise APIError(f"det_thresh must be in [0, 1], got {thresh!r}")
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise APIError(f"topk must be a positive int, got {topk!r}")
+    if isinstance(gallery_images, (str, Path)) or not len(gallery_images):
+        raise APIError("gallery_images must be a non-empty list of images")
+    query = embed_query(model, query_image, query_box)
+    return rank(query, [detect(model, g) for g in gallery_images], thresh, topk)
 
 
 def rank(query: np.ndarray, gallery: Sequence[dict[str, np.ndarray]], det_thresh: float, topk: int) -> list[SearchHit]:

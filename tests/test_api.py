@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from data_prep.synth import prw as synth_prw
 from finetune import cli
 from finetune.api import APIError, PersonSearchModel, create_model, rank
+from finetune.api import search as api_search
 from finetune.config import load_config
 from finetune.datasets import load_protocol
 from finetune.engine import run_inference
@@ -73,6 +74,8 @@ def test_search_ranks_exactly_as_the_evaluator(world, one_thread):
         np.testing.assert_allclose([h.box for h in hits], [t.box for t in top], rtol=0, atol=1e-4)
         np.testing.assert_allclose([h.score for h in hits], [t.score for t in top], rtol=1e-5, atol=1e-6)
         assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+    # the module-level function works on the evaluator's plain SearchModel and agrees
+    assert api_search(ev_model, q.image, q.box, [g.image for g in gallery], topk=k, det_thresh=0.0) == hits
 
 
 def test_image_inputs_agree_and_bad_arguments_are_clear(world, one_thread):
