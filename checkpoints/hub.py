@@ -172,7 +172,8 @@ def model_card(run: str | Path, repo: str) -> str:
     datasets = [str(d) for d in (meta.get("domains") or [])]
     if finetuned and meta.get("dataset"):
         datasets = [str(meta["dataset"])]
-    lines = ["---", "library_name: hybridps", "license: other", "tags:", "- person-search", "- hybridps", f"- {backbone}", "---", "",
+    lines = ["---", "library_name: hybridps", "license: other", "tags:", "- person-search", "- hybridps",
+             f"- {backbone}", "---", "",
              f"# {repo.split('/')[1]}", ""]
     if finetuned:
         lines += [f"NAE person-search model ({backbone}) fine-tuned on {meta.get('dataset')} for "

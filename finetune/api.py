@@ -291,7 +291,8 @@ def create_model(name: str | None = "nae_resnet50", weights: str | Path | None =
         try:
             model.load_state_dict(resolved.state, strict=True)
         except RuntimeError as e:
-            raise APIError(f"{weights}: model.safetensors does not fit its config.yaml: {' '.join(str(e).split())[:300]}") from None
+            why = " ".join(str(e).split())[:300]
+            raise APIError(f"{weights}: model.safetensors does not fit its config.yaml: {why}") from None
     elif resolved.weights is not None:
         try:
             load_scoped(model, resolved.weights, scope, min_fraction=min_fraction, log=log)

@@ -87,8 +87,8 @@ def _pick(metrics, n: int) -> list[int]:
 def draw_search(query_image, query_box, gallery_images, hits, out: str | Path, tile: tuple[int, int] = (200, 240),
                 names: list[str] | None = None) -> Path:
     """One row: the query crop (blue), then each hit's gallery image with its box
-    (orange: no ground truth says whether it is right) and similarity.  Every tile is ``tile`` (width, height) plus a caption line,
-    so the figure is ``(pad + (1 + len(hits)) * (width + pad)) x (height + CAPTION + 2 pad)``.
+    (orange: no ground truth says whether it is right) and similarity.  Every tile
+    is ``tile`` (width, height) plus a caption line, so the figure is ``(pad + (1 + len(hits)) * (width + pad)) x (height + CAPTION + 2 pad)``.
 
     Images are PIL images (see finetune.api.load_image for turning other inputs into tensors)."""
     pad, (tw, th) = 4, tile

@@ -99,7 +99,8 @@ class HubHandler(_Handler):
             req = json.loads(body)
             repo = f"{req['organization']}/{req['name']}"
             if repo in self.server.repos:
-                return self._json(409, {"error": "You already created this model repo", "url": f"{self.server.url}/{repo}"})
+                return self._json(409, {"error": "You already created this model repo",
+                                        "url": f"{self.server.url}/{repo}"})
             self.server.repos[repo] = {}
             self.server.branches[repo] = {}
             self.server.created.append((repo, req.get("visibility")))

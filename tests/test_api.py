@@ -124,7 +124,8 @@ def test_create_model_from_the_other_weight_kinds(world, tmp_path, monkeypatch, 
     pre.mkdir()
     from safetensors.torch import save_file
 
-    save_file({k: v for k, v in state.items() if not k.startswith("roi_heads.reid_loss.")}, str(pre / "model.safetensors"))
+    no_oim = {k: v for k, v in state.items() if not k.startswith("roi_heads.reid_loss.")}
+    save_file(no_oim, str(pre / "model.safetensors"))
     (pre / "meta.json").write_text(json.dumps({"backbone": "resnet18", "style": "pytorch"}))
     (pre / "config.yaml").write_text((run / "config.yaml").read_text())
     m = create_model("nae_resnet18", weights=pre)

@@ -89,8 +89,8 @@ def test_export_of_a_resnet50_run_includes_nae_and_seqnet(tmp_path, capsys, one_
     assert {p.name for p in out.iterdir()} == {"nae_resnet50.pth", "seqnet_resnet50.pth", "EXPORTS.txt"}
     # NAE4PS: torch.load(f)["model"] with its keys (tests/data/nae4ps_state_dict_keys.tsv)
     ck = torch.load(out / "nae_resnet50.pth", weights_only=True)
-    want = {line.split("\t")[0] for line in (ROOT / "tests" / "data" / "nae4ps_state_dict_keys.tsv").read_text().splitlines()
-            if line and not line.startswith("#")}
+    keys_file = ROOT / "tests" / "data" / "nae4ps_state_dict_keys.tsv"
+    want = {line.split("\t")[0] for line in keys_file.read_text().splitlines() if line and not line.startswith("#")}
     have = set(ck["model"])
     assert len(want & have) / len(want) > 0.95, sorted(want - have)[:5]
     # the tiny run used other anchors: the RPN was left to NAE's own init, and the list says so
