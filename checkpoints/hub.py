@@ -170,8 +170,24 @@ def model_card(run: str | Path, repo: str) -> str:
     finetuned = meta.get("kind") == FINETUNE_KIND
     backbone = str(meta.get("backbone", "unknown"))
     datasets = [str(d) for d in (meta.get("domains") or [])]
-    if finetuned and meta.get("dataset"):
-        datasets = [str(meta["dataset"])]
+    init_note = None
+    if finetuned:
+        datasets = [str(meta["dataset"])] if meta.get("dataset") else []
+        # the weights also saw what the INIT was trained on
+        init = str(meta.get("init") or "none")
+        init_meta = Path(init) / "meta.json"
+        if init_meta.is_file():
+            try:
+                pre = json.loads(init_meta.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                pre = {}
+            domains = [str(d) for d in (pre.get("domains") or [])] if isinstance(pre, dict) else []
+            datasets += [d for d in domains if d not in datasets]
+            seen = ", ".join(domains) or "datasets unrecorded"
+            init_note = f"Initialised from the pre-training run `{init}` ({seen})."
+        elif init != "none":
+            init_note = (f"Initialised from `{init}`; what it was trained on is not recorded here -- see its own "
+                         "terms (for the released PretrainPS backbones: their pre-training datasets' terms apply).")
     lines = ["---", "library_name: hybridps", "license: other", "tags:", "- person-search", "- hybridps",
              f"- {backbone}", "---", "",
              f"# {repo.split('/')[1]}", ""]
@@ -199,6 +215,8 @@ def model_card(run: str | Path, repo: str) -> str:
               f"{meta.get('std')}; style {meta.get('style', 'pytorch')}.", "", "## Data", ""]
     lines += [f"* {DATASET_TERMS.get(d, f'{d}: see the dataset authors for its terms.')}" for d in datasets] \
         or ["* not recorded in meta.json"]
+    if init_note:
+        lines += ["", init_note]
     lines += ["", PERSONAL_DATA, "The weights inherit these terms: research use; not for commercial use "
               "where any dataset above forbids it.", "", "## Results", ""]
     evals = _metrics(run)

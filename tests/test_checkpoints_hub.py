@@ -128,7 +128,8 @@ def test_parse_hf_addresses():
 def test_model_card_of_a_finetune_run_lists_its_metrics(tmp_path):
     make_run(tmp_path / "ft")
     meta = json.loads((tmp_path / "ft" / "meta.json").read_text())
-    meta.update(kind="hybridps-finetune", dataset="prw", init="runs/pre", init_scope="full", seed=0,
+    make_run(tmp_path / "pre")                                 # the INIT: crowdhuman, ecp, luperson
+    meta.update(kind="hybridps-finetune", dataset="prw", init=str(tmp_path / "pre"), init_scope="full", seed=0,
                 train_images=150)
     (tmp_path / "ft" / "meta.json").write_text(json.dumps(meta))
     (tmp_path / "ft" / "eval").mkdir()
@@ -136,4 +137,9 @@ def test_model_card_of_a_finetune_run_lists_its_metrics(tmp_path):
         "dataset": "prw", "search": {"mAP": 0.1905, "topk": {"1": 0.3}}, "detection": {"ap": 0.644, "recall": 0.8498}}))
     card = model_card(tmp_path / "ft", "me/ft")
     assert "fine-tuned on prw" in card and "| eval | prw | 19.05 | 30.00 | 64.40 | 84.98 |" in card
-    assert "PRW: research use only" in card and "CrowdHuman" not in card
+    assert "PRW: research use only" in card and "LUPerson: research only" in card   # its INIT's data too
+    assert "Initialised from the pre-training run" in card and "Market-1501" not in card
+    meta["init"] = "psvis-resnet50"
+    (tmp_path / "ft" / "meta.json").write_text(json.dumps(meta))
+    card = model_card(tmp_path / "ft", "me/ft")
+    assert "CrowdHuman" not in card and "`psvis-resnet50`; what it was trained on is not recorded" in card
