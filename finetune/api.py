@@ -174,8 +174,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 @dataclass
 class _Resolved:
     model_cfg: ModelConfig
-    state: dict[str, torch.Tensor] | None
-    strict: bool
+    state: dict[str, torch.Tensor] | None     # a whole fine-tuned model: loaded strictly
     det_thresh: float
     weights: Any = None        # finetune.init.InitWeights for a scoped load
 
@@ -237,10 +236,12 @@ def _resolve(weights: str, offline: bool | None) -> _Resolved:
         except (DownloadError, HubError) as e:
             raise APIError(str(e)) from None
     model_data, eval_data = _run_model_cfg(local) if local.is_dir() else ({}, {})
-    det_thresh = float(eval_data.get("det_thresh", DEFAULT_DET_THRESH))
+    det_thresh = eval_data.get("det_thresh", DEFAULT_DET_THRESH)
+    if not (isinstance(det_thresh, (int, float)) and not isinstance(det_thresh, bool) and 0.0 <= det_thresh <= 1.0):
+        raise APIError(f"{local / 'config.yaml'}: eval.det_thresh must be in [0, 1], got {det_thresh!r}")
     if _finetune_run(local) is not None:
         # the fine-tuned model as saved, OIM table included: a strict load
-        return _Resolved(_model_cfg(model_data), load_file(str(local / "model.safetensors")), True, det_thresh)
+        return _Resolved(_model_cfg(model_data), load_file(str(local / "model.safetensors")), det_thresh)
     try:
         init = resolve_init(str(local) if local.exists() else weights, offline=offline)
     except InitError as e:
@@ -250,7 +251,7 @@ def _resolve(weights: str, offline: bool | None) -> _Resolved:
     norm = normalization_for_model(init.normalization)
     if norm is not None:
         changes["image_mean"], changes["image_std"] = norm
-    return _Resolved(_model_cfg(model_data, **changes), None, False, det_thresh, init)
+    return _Resolved(_model_cfg(model_data, **changes), None, det_thresh, init)
 
 
 def create_model(name: str | None = "nae_resnet50", weights: str | Path | None = None, *, scope: str = "full",
@@ -263,6 +264,7 @@ def create_model(name: str | None = "nae_resnet50", weights: str | Path | None =
     cover less than ``min_fraction`` of it -- a backbone-only file (ImageNet, released PretrainPS
     backbones) would give a model that finds nobody.  ``scope="backbone"`` loads such a file into the
     trunk and leaves the heads at their initialisation: a model to fine-tune, not to search with.
+    ``weights=None`` gives a randomly initialised model (to train).
     """
     from finetune.init import SCOPES, InitError, load_scoped
 
@@ -273,7 +275,7 @@ def create_model(name: str | None = "nae_resnet50", weights: str | Path | None =
     if weights is None:
         if name is None:
             raise APIError("create_model(None) needs weights to say which model they are")
-        resolved = _Resolved(ModelConfig(backbone=MODELS[name]), None, False, DEFAULT_DET_THRESH)
+        resolved = _Resolved(ModelConfig(backbone=MODELS[name]), None, DEFAULT_DET_THRESH)
     else:
         resolved = _resolve(str(weights), offline)
     have = resolved.model_cfg.backbone
