@@ -1,4 +1,4 @@
-"""``python -m checkpoints list | download | inspect | convert | add``."""
+"""``python -m checkpoints list | download | inspect | convert | export | add | push``."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ from . import registry
 from .arch import ARCHS, UnknownArchError, detect_arch
 from .convert import ConversionError, convert, mark_mismatches, non_finite_tensors, read_source, shape_mismatches
 from .download import ChecksumError, DownloadError, fetch, sha256_of
+from .hub import HubError
 from .layouts import ALIASES, LAYOUTS, UnknownLayoutError, get_layout
 from .layouts.base import backbone_view
 from .report import DEFAULT_MIN_FRACTION, InsufficientMatchError, group_counts
@@ -21,7 +22,7 @@ from .targets import TARGETS
 
 USER_ERRORS = (ChecksumError, DownloadError, ConversionError, InsufficientMatchError, StyleMismatchError,
                UnsafeFileError, NotAStateDictError, UnknownLayoutError, UnknownArchError, registry.RegistryError,
-               FileNotFoundError, FileExistsError, KeyError, ValueError)
+               HubError, FileNotFoundError, FileExistsError, KeyError, ValueError)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -102,6 +103,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bundle import export_bundle
+
+    bundle = export_bundle(args.source, args.out, args.to, overwrite=args.overwrite, num_pids=args.num_pids,
+                           cq_size=args.cq_size, offline=args.offline)
+    print(f"exports in {Path(args.out)}/ (what loads each: {bundle.index})")
+    return 0
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     target = args.path_or_url
     meta: dict = {}
@@ -145,6 +155,17 @@ def cmd_add(args: argparse.Namespace) -> int:
                            notes=args.notes or "", origin="user")
     path = registry.add(entry, replace=args.replace)
     print(f"added {args.name} to {path}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push
+
+    commit, paths = push(args.run, args.repo, token=args.token, revision=args.revision, private=args.private,
+                         message=args.message)
+    print(f"pushed {', '.join(paths)} to {args.repo} (commit {commit})")
+    at = f"@{args.revision}" if args.revision else ""
+    print(f"load it with:\n    create_model(..., weights=\"hf://{args.repo}{at}\")  or  --init hf://{args.repo}{at}")
     return 0
 
 
@@ -206,6 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     net(sp)
     sp.set_defaults(func=cmd_convert)
 
+    sp = sub.add_parser("export", help="convert to every downstream layout the source's architecture fits")
+    sp.add_argument("source", help="pre-training run directory, weight file or registry name")
+    sp.add_argument("--out", required=True, help="folder for the files and EXPORTS.txt")
+    sp.add_argument("--to", nargs="+", choices=sorted(TARGETS),
+                    help="targets (default: torchvision timm mmdet detectron2, plus nae seqnet for ResNet-50)")
+    sp.add_argument("--overwrite", action="store_true", help="replace existing files")
+    sp.add_argument("--num-pids", type=int, default=5532, help="nae/seqnet OIM LUT size")
+    sp.add_argument("--cq-size", type=int, default=5000, help="nae/seqnet OIM circular queue size")
+    net(sp)
+    sp.set_defaults(func=cmd_export)
+
     sp = sub.add_parser("add", help="add your own weights to the user registry")
     sp.add_argument("name")
     sp.add_argument("path_or_url", help="file, run directory, http(s) URL or hf://OWNER/REPO/FILE")
@@ -217,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--notes")
     sp.add_argument("--replace", action="store_true")
     sp.set_defaults(func=cmd_add)
+
+    sp = sub.add_parser("push", help="publish a run folder (safetensors + config + model card) to the hub")
+    sp.add_argument("run", help="pre-training or fine-tuning run folder")
+    sp.add_argument("--repo", required=True, help="OWNER/NAME on the hub (created when missing)")
+    sp.add_argument("--token", help="hub token (default: $HF_TOKEN or the one `hf auth login` stored)")
+    sp.add_argument("--revision", help="branch to commit to (default: main)")
+    sp.add_argument("--private", action="store_true", help="create the repository private")
+    sp.add_argument("--message", help="commit message")
+    sp.set_defaults(func=cmd_push)
     return p
 
 

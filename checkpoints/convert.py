@@ -1,7 +1,8 @@
 """Source -> canonical -> target: reading any source, checking it, writing any target.
 
-A *source* is a registry name, a weight file, or a pre-training run directory
-(``model.safetensors`` / ``backbone.safetensors`` + ``meta.json``, CONTRACTS 5).
+A *source* is a registry name, a weight file, a pre-training run directory
+(``model.safetensors`` / ``backbone.safetensors`` + ``meta.json``, CONTRACTS 5)
+or a run published to the hub (``hf://OWNER/NAME[@REV]``, :mod:`checkpoints.hub`).
 """
 from __future__ import annotations
 
@@ -107,7 +108,15 @@ def _read_run_dir(path: Path, layout: str | None) -> SourceWeights:
 
 def read_source(source: str | Path, *, layout: str | None = None, cache: str | Path | None = None,
                 offline: bool | None = None) -> SourceWeights:
-    """Load a registry name, weight file or run directory, never executing pickled code."""
+    """Load a registry name, weight file, run directory or ``hf://`` address,
+    never executing pickled code."""
+    if isinstance(source, str) and source.startswith("hf://"):
+        from .hub import fetch_hf
+
+        local = fetch_hf(source, cache=cache, offline=offline)
+        src = _read_run_dir(local, layout) if local.is_dir() else _read_file(local, layout, source)
+        src.description = f"{source} ({src.description})"
+        return src
     path = Path(source).expanduser()
     if path.is_dir():
         return _read_run_dir(path, layout)

@@ -3,6 +3,7 @@
     python -m finetune eval --dataset prw --root data/PRW --checkpoint runs/ft_prw
     python -m finetune eval --dataset cuhk_sysu --root data/CUHK-SYSU --results other_model.npz --gallery-size -1
     python -m finetune train --dataset prw --root data/PRW --init psvis-resnet50 --init-scope full --eval
+    python -m finetune search --weights runs/ft_prw --query q.jpg --box 10 20 60 150 --gallery frames/ --out hits.png
     accelerate launch -m finetune train --dataset cuhk_sysu --root data/CUHK-SYSU --init runs/pretrain
 
 See the README section "Fine-tuning and evaluation" for the protocol details and the results-file format.
@@ -80,11 +81,61 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval", action="store_true", help="evaluate the fine-tuned model afterwards")
     tr.add_argument("--overwrite", action="store_true", help="reuse an --out that already holds a model")
     tr.add_argument("--offline", action="store_true", help="never download a registry INIT")
+    se = sub.add_parser("search", help="rank gallery images for one query person and draw the result as a PNG")
+    se.add_argument("--weights", required=True,
+                    help="fine-tuning run dir, pre-training run dir, weight file, registry name or hf://OWNER/NAME")
+    se.add_argument("--model", help="model name, e.g. nae_resnet50 (default: whatever --weights hold)")
+    se.add_argument("--query", required=True, help="the query image")
+    se.add_argument("--box", required=True, nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"),
+                    help="the query person's box in pixels")
+    se.add_argument("--gallery", required=True, nargs="+", help="gallery images and/or folders of images")
+    se.add_argument("--topk", type=int, default=5)
+    se.add_argument("--det-thresh", type=float, help="gallery detection score threshold (default: the run's)")
+    se.add_argument("--out", default="search.png", help="the PNG to write")
+    se.add_argument("--json", help="also write the ranked hits here")
+    se.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    se.add_argument("--offline", action="store_true", help="never download weights")
     cp = sub.add_parser("compare", help="one table from several eval outputs (metrics.json or their folders)")
     cp.add_argument("evals", nargs="+", help="eval --out folders or metrics.json files")
     cp.add_argument("--names", nargs="+", help="row names (default: the paths)")
     cp.add_argument("--out", help="also write the table (markdown) here")
     return parser
+
+
+def cmd_search(args, log=print) -> list:
+    from PIL import Image
+
+    from finetune.api import APIError, create_model, gallery_files
+    from finetune.visualize import draw_search
+
+    try:
+        model = create_model(args.model, args.weights, device=_device(args.device),
+                             offline=True if args.offline else None)
+        files = gallery_files(args.gallery)
+        hits = model.search(args.query, args.box, [str(f) for f in files], topk=args.topk, det_thresh=args.det_thresh)
+    except APIError as e:
+        raise CLIError(str(e)) from None
+    for rank, h in enumerate(hits, 1):
+        log(f"{rank:>3}  {h.score:8.4f}  {files[h.gallery]}  box {[round(v, 1) for v in h.box]}")
+    if not hits:
+        log(f"no detection scored >= det_thresh {model.det_thresh if args.det_thresh is None else args.det_thresh} "
+            "in the gallery")
+
+    def rgb(path):
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    pictures = {h.gallery: rgb(files[h.gallery]) for h in hits}
+    out = draw_search(rgb(args.query), args.box, pictures, hits, args.out, names=[f.name for f in files])
+    log(f"wrote {out}")
+    if args.json:
+        path = Path(args.json)
+        tmp = path.with_name(f".{path.name}.partial")
+        tmp.write_text(json.dumps([{"rank": r, "image": str(files[h.gallery]), "box": list(h.box),
+                                    "score": h.score} for r, h in enumerate(hits, 1)], indent=1))
+        tmp.replace(path)
+        log(f"wrote {path}")
+    return hits
 
 
 def cmd_compare(args) -> None:
@@ -394,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_eval(args)
         elif args.command == "compare":
             cmd_compare(args)
+        elif args.command == "search":
+            cmd_search(args)
         else:
             cmd_train(args)
     except (CLIError, CompareError, TrainError, *USER_ERRORS) as e:

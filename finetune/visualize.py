@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 from data_prep.imageio import ImageError, decode_rgb, load_encoded
 
 GREEN, RED, BLUE = (40, 200, 60), (230, 40, 40), (40, 110, 240)
+ORANGE = (240, 150, 20)      # a search hit whose correctness nobody knows
 CAPTION = 14
 
 
@@ -81,3 +82,36 @@ def _pick(metrics, n: int) -> list[int]:
     picked = hits[: (n + 1) // 2] + misses[: n // 2]
     rest = [q.index for q in metrics.per_query if q.index not in picked]
     return sorted((picked + rest)[:n])
+
+
+def draw_search(query_image, query_box, gallery_images, hits, out: str | Path, tile: tuple[int, int] = (200, 240),
+                names: list[str] | None = None) -> Path:
+    """One row: the query crop (blue), then each hit's gallery image with its box
+    (orange: no ground truth says whether it is right) and similarity.  Every tile
+    is ``tile`` (width, height) plus a caption line, so the figure is ``(pad + (1 + len(hits)) * (width + pad)) x (height + CAPTION + 2 pad)``.
+
+    Images are PIL images (see finetune.api.load_image for turning other inputs into tensors)."""
+    pad, (tw, th) = 4, tile
+    crop = query_image.crop(tuple(int(round(v)) for v in query_box))
+    tiles = [(crop, None, BLUE, "query")]
+    for rank, hit in enumerate(hits, 1):
+        label = names[hit.gallery] if names else f"gallery {hit.gallery}"
+        tiles.append((gallery_images[hit.gallery], hit.box, ORANGE,
+                      f"#{rank} {hit.score:.3f} {label}"))
+    canvas = Image.new("RGB", (pad + len(tiles) * (tw + pad), th + CAPTION + 2 * pad), (235, 235, 235))
+    for i, (img, box, color, caption) in enumerate(tiles):
+        img = img.copy()
+        if box is not None:
+            ImageDraw.Draw(img).rectangle([float(v) for v in box], outline=color, width=max(2, img.height // 80))
+        scale = min(tw / max(1, img.width), th / max(1, img.height))
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+        cell = Image.new("RGB", (tw, th + CAPTION), (255, 255, 255))
+        cell.paste(img, ((tw - img.width) // 2, CAPTION + (th - img.height) // 2))
+        ImageDraw.Draw(cell).text((2, 1), caption[: tw // 6], fill=color)
+        canvas.paste(cell, (pad + i * (tw + pad), pad))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(out)
+    return out

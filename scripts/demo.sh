@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole mission on the built-in synthetic world, on CPU:
-#   synth -> shards -> preview -> short pre-training -> export -> NAE fine-tuning on the
+#   synth -> shards -> preview -> short pre-training -> export (demo_out/export/) -> NAE fine-tuning on the
 #   synthetic PRW-format set from (a) random init, (b) backbone-only and (c) full
 #   pre-trained init at equal steps -> evaluation -> one comparison table + result PNG.
 # Installs what it needs into ./.venv first.  Output: ${DEMO_OUT:-demo_out}/
@@ -37,8 +37,9 @@ step "3/7 hybrid pre-training (L_ps + eta L_con + lambda L_adv)"
 "$PYTHON" -m pretrain --config pretrain/configs/tiny.yaml --shards "$OUT/shards" \
     --out "$OUT/pretrain" --max-steps "$PRETRAIN_STEPS"
 
-step "4/7 export to downstream layouts"
+step "4/7 export to downstream layouts (torchvision, timm, mmdet, detectron2; NAE/SeqNet for ResNet-50 runs)"
 "$PYTHON" -m checkpoints inspect "$OUT/pretrain/backbone.safetensors"
+"$PYTHON" -m checkpoints export "$OUT/pretrain" --out "$OUT/export"
 
 step "5/7 NAE fine-tuning on synthetic PRW: random / backbone-only / full init, $FINETUNE_STEPS steps each"
 for init in none backbone full; do
@@ -61,4 +62,4 @@ done
 step "7/7 comparison"
 "$PYTHON" -m finetune compare "$OUT"/finetune_none/eval "$OUT"/finetune_backbone/eval \
     "$OUT"/finetune_full/eval --names random backbone-only full --out "$OUT/comparison.md"
-echo; echo "done: $OUT/comparison.md, $OUT/preview.png, $OUT/finetune_full/eval/*.png"
+echo; echo "done: $OUT/comparison.md, $OUT/preview.png, $OUT/finetune_full/eval/*.png, exports in $OUT/export/"
