@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import imageio
 from ..canvas import PLANNERS, apply_placement
-from ..record import Record, box_is_degenerate, clip_box
+from ..record import ImageRef, Record, box_is_degenerate, clip_box
 from .options import CanvasOptions
 
 
@@ -52,6 +52,7 @@ class Sample:
     box_skips: list[tuple[str, str, str]] = field(default_factory=list)   # (reason, source, detail)
     dropped_boxes: list[int] = field(default_factory=list)               # box indices not written
     jpg_len: int = 0
+    reload: tuple[ImageRef, str] | None = None   # (image, source) when ``jpg`` is None
 
 
 @dataclass
@@ -205,12 +206,13 @@ def encode_job(job: Job, settings: EncodeSettings) -> Sample | Dropped:
         n_boxes=len(boxes), n_ignore=len(ignore), fixes=fixes, box_skips=box_skips,
         dropped_boxes=[i for i in range(len(job.pids)) if i not in keep],
         jpg_len=len(pixels) if fmt == "jpeg" and canvas_meta is None else 0,
+        reload=(rec.image, rec.source) if jpg is None else None,
     )
 
 
-def reload_passthrough(rec: Record, expected_len: int) -> bytes:
+def reload_passthrough(image: ImageRef, expected_len: int) -> bytes:
     """The pass-through bytes a worker checked, read again by the writer."""
-    data, fmt = imageio.load_encoded(rec.image)
+    data, fmt = imageio.load_encoded(image)
     if fmt != "jpeg" or len(data) != expected_len:
         raise imageio.ImageError("corrupt_image", "file changed while the build was reading it")
     imageio.check_jpeg_complete(data)
