@@ -5,13 +5,18 @@ real 4M-crop release circulates in, read by the real parser) of N tiny crops
 is generated (16 distinct 32x64 JPEGs, reused: generating is not what we
 measure), then, each in a fresh process:
 
-  parse   the parser alone (luperson.parse, every record consumed): its peak RSS;
-  build   ``data_prep build --workers W --shard-size 1000``: wall time, peak RSS of
-          the main process (records, journal, manifest live there) and of the
-          largest worker.
+  parse   the parser alone (luperson.parse, every record consumed);
+  build   ``data_prep build --workers W --shard-size 1000``: wall time and memory of
+          the main process (plan, journal, manifest live there) and of the largest worker.
+
+Memory is reported two ways: ``anon`` = peak anonymous RSS (RssAnon of
+/proc/PID/status sampled every 50 ms: the process's own heap, what grows when
+records are held), and ``hwm`` = the kernel's peak RSS (VmHWM), which also
+counts the pages of the memory-mapped LMDB the process has read (file cache,
+shared and reclaimable; it grows with the data read, whatever the builder holds).
 
 Prints one row per size, time per record and the ratios to the smallest size
-(flat memory: RSS ratio ~1; linear time: us/record ratio ~1).
+(flat memory: anon ratio ~1; linear time: us/record ratio ~1).
 
 Usage:  python benchmarks/build_scale.py [--sizes 10000,100000,1000000] [--workers 2]
             [--workdir DIR] [--code DIR]
@@ -29,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,8 +84,42 @@ def _rss_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024        # Linux: KiB
 
 
+def _anon_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class PeakSampler(threading.Thread):
+    """Peak anonymous RSS of this process and of its largest descendant."""
+
+    def __init__(self, period: float = 0.05):
+        super().__init__(daemon=True)
+        self.period, self.main, self.worker = period, 0.0, 0.0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self.done.wait(self.period):
+            self.main = max(self.main, _anon_mb(me.pid))
+            try:
+                for c in me.children(recursive=True):
+                    self.worker = max(self.worker, _anon_mb(c.pid))
+            except psutil.Error:
+                pass
+
+
 def child(mode: str, src: str, out: str, workers: int) -> None:
     """Runs in a fresh process; prints one JSON line."""
+    sampler = PeakSampler()
+    sampler.start()
     t0 = time.perf_counter()
     if mode == "parse":
         from data_prep.formats import luperson
@@ -91,8 +131,11 @@ def child(mode: str, src: str, out: str, workers: int) -> None:
         m = run_build(BuildOptions(out_dir=Path(out), sources=[("luperson", Path(src))], shard_size=1000,
                                    workers=workers, progress=False), log=lambda _m: None)
         n = m["datasets"]["luperson"]["splits"]["train"]["samples"]
-    print(json.dumps({"n": n, "s": time.perf_counter() - t0, "rss": _rss_mb(resource.RUSAGE_SELF),
-                      "rss_workers": _rss_mb(resource.RUSAGE_CHILDREN)}))
+    dt = time.perf_counter() - t0
+    sampler.done.set()
+    sampler.join()
+    print(json.dumps({"n": n, "s": dt, "hwm": _rss_mb(resource.RUSAGE_SELF), "anon": sampler.main,
+                      "worker_anon": sampler.worker, "worker_hwm": _rss_mb(resource.RUSAGE_CHILDREN)}))
 
 
 def run_child(mode: str, src: Path, out: Path, workers: int, code: Path) -> dict:
@@ -117,8 +160,9 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="buildscale_"))
     print(f"code: {args.code}  workers: {args.workers}  python {sys.version.split()[0]}", flush=True)
-    print(f"{'records':>9} {'gen s':>7} {'parse MB':>9} {'build s':>8} {'us/rec':>7} {'build MB':>9} "
-          f"{'worker MB':>9}", flush=True)
+    print("memory in MB: anon = peak anonymous RSS, hwm = peak RSS incl. mapped LMDB pages")
+    print(f"{'records':>9} {'gen s':>6} | {'parse anon':>10} {'hwm':>6} | {'build s':>8} {'us/rec':>7} "
+          f"{'anon':>6} {'hwm':>6} | {'worker anon':>11} {'hwm':>6}", flush=True)
     rows = []
     for n in sizes:
         case = work / f"n{n}"
@@ -129,13 +173,15 @@ def main() -> None:
         parsed = run_child("parse", case / "src", case / "out", args.workers, args.code)
         built = run_child("build", case / "src", case / "out", args.workers, args.code)
         assert parsed["n"] == n and built["n"] == n, (parsed, built)
-        rows.append((n, built["s"] / n * 1e6, built["rss"]))
-        print(f"{n:>9} {gen:>7.1f} {parsed['rss']:>9.0f} {built['s']:>8.1f} {built['s'] / n * 1e6:>7.1f} "
-              f"{built['rss']:>9.0f} {built['rss_workers']:>9.0f}", flush=True)
+        rows.append((n, built["s"] / n * 1e6, built["anon"], built["worker_anon"]))
+        print(f"{n:>9} {gen:>6.1f} | {parsed['anon']:>10.0f} {parsed['hwm']:>6.0f} | {built['s']:>8.1f} "
+              f"{built['s'] / n * 1e6:>7.1f} {built['anon']:>6.0f} {built['hwm']:>6.0f} | "
+              f"{built['worker_anon']:>11.0f} {built['worker_hwm']:>6.0f}", flush=True)
         shutil.rmtree(case)
-    n0, us0, rss0 = rows[0]
-    for n, us, rss in rows[1:]:
-        print(f"{n} vs {n0} records: time per record {us / us0:.2f}x, build peak RSS {rss / rss0:.2f}x")
+    n0, us0, anon0, w0 = rows[0]
+    for n, us, anon, w in rows[1:]:
+        print(f"{n} vs {n0} records: time per record {us / us0:.2f}x, peak anon RSS main {anon / anon0:.2f}x, "
+              f"largest worker {w / max(w0, 1e-9):.2f}x")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 
