@@ -135,3 +135,88 @@ def test_killed_build_resumes_on_the_appended_journal(world, tmp_path):
     lines = _journal_lines(journal)
     assert lines[-1]["done"] is True and sum("shard" in l for l in lines) == 7       # 20 crops / 3
     assert Journal.load(journal, lines[0]["fingerprint"]).splits["train"].done
+
+
+def test_luperson_lmdb_entries_stream_in_key_order_first_duplicate_wins(tmp_path):
+    import io
+    import pickle
+
+    import lmdb
+    from PIL import Image
+
+    from data_prep.formats import luperson
+    from data_prep.record import Skip
+
+    root = tmp_path / "LUP"
+    (root / "lmdb").mkdir(parents=True)
+    keys = ["b", "a,1", "a_1", "c", "b"]          # "a,1" and "a_1" share the record key a_1
+    env = lmdb.open(str(root / "lmdb"), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i, k in enumerate(dict.fromkeys(keys)):
+            buf = io.BytesIO()
+            Image.new("RGB", (8 + i, 16)).save(buf, format="JPEG")
+            txn.put(k.encode(), buf.getvalue())
+    env.close()
+    (root / "keys.pkl").write_bytes(pickle.dumps(keys))
+    items = list(luperson.parse(root, "train"))
+    recs = [i for i in items if isinstance(i, Record)]
+    assert [(r.key, r.image.key, r.width) for r in recs] == [("a_1", "a,1", 9), ("b", "b", 8), ("c", "c", 11)]
+    assert sorted((s.reason, s.source) for s in items if isinstance(s, Skip)) == [
+        ("duplicate_key", "lmdb:a_1"), ("duplicate_key", "lmdb:b")]
+    assert luperson.list_keys(root) == ["a_1", "b", "c"]
+
+
+# --------------------------------------------------------------------------- --max-side
+def _samples_by_key(out: Path) -> dict[str, dict]:
+    from data_prep.manifest import shard_paths
+    from data_prep.preview import read_samples
+
+    got = {}
+    for p in shard_paths(load_manifest(out), out):
+        for s in read_samples(p):
+            s["meta"] = json.loads(s["json"])
+            got[s["__key__"]] = s
+    return got
+
+
+def test_max_side_scales_images_and_boxes_and_records_the_scale(world, tmp_path):
+    import io
+
+    from PIL import Image
+
+    names = ["crowdhuman", "market1501"]
+    full, small = tmp_path / "full", tmp_path / "small"
+    assert run_cli("build", full, *sources(world[0], names), "--quiet", "--workers", 1) == 0
+    assert run_cli("build", small, *sources(world[0], names), "--quiet", "--workers", 2, "--max-side", 100) == 0
+    a, b = _samples_by_key(full), _samples_by_key(small)
+    assert set(a) == set(b)
+    resized = 0
+    for key, s in b.items():
+        m, ref = s["meta"], a[key]["meta"]
+        with Image.open(io.BytesIO(s["jpg"])) as im:
+            assert im.size == (m["width"], m["height"]) and max(im.size) <= 100, key
+        r = m["resize"]
+        assert r["max_side"] == 100 and r["orig_size"] == [ref["width"], ref["height"]]
+        sx, sy = r["scale"]
+        assert (sx, sy) == (m["width"] / ref["width"], m["height"] / ref["height"])
+        if max(ref["width"], ref["height"]) <= 100:
+            assert (sx, sy) == (1.0, 1.0) and s["jpg"] == a[key]["jpg"]     # fits: passed through untouched
+            continue
+        resized += 1
+        assert max(m["width"], m["height"]) == 100 and abs(sx - sy) < 0.02
+        assert m["pids"] == ref["pids"] and len(m["boxes"]) == len(ref["boxes"])
+        for bb, rb in zip(m["boxes"], ref["boxes"]):
+            assert bb == pytest.approx([rb[0] * sx, rb[1] * sy, rb[2] * sx, rb[3] * sy], abs=1e-9)
+    assert resized > 0
+    assert "resize" not in next(iter(a.values()))["meta"]          # builds without --max-side are unchanged
+    assert load_manifest(small)["options"]["max_side"] == 100
+    assert "max_side" not in load_manifest(full)["options"]
+
+
+def test_max_side_bad_values_are_usage_errors(world, tmp_path, capsys):
+    src = sources(world[0], ["market1501"])
+    assert run_cli("build", tmp_path / "a", *src, "--quiet", "--max-side", 8) == 2
+    assert "--max-side must be in 16.." in capsys.readouterr().err
+    assert run_cli("build", tmp_path / "b", *src, "--quiet", "--max-side", 100, "--canvas", "expand_resize",
+                   "--canvas-size", "64x128") == 2
+    assert "larger than --max-side" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from .. import manifest as mf
 from ..imageio import ImageError
 from .encode import Dropped, EncodeSettings, Job, Sample, init_worker, reload_passthrough, run_job
 from .files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json
-from .options import MAX_CANVAS_SIDE, BuildError, BuildOptions, fingerprint
+from .options import MAX_CANVAS_SIDE, MAX_SIDE_LIMIT, BuildError, BuildOptions, fingerprint
 from .plan import (DatasetPlan, SplitPlan, StrictSkip, check_sources, load_module, plan_build, resolve_splits,
                    strict_message, subset_file_name)
 from .shards import (JOURNAL_NAME, LEGACY_JOURNAL_NAME, Journal, ShardEntry, ShardSink, SplitProgress,
@@ -375,6 +375,12 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> dict:
     w, h = opts.canvas.size
     if not (1 <= w <= MAX_CANVAS_SIDE and 1 <= h <= MAX_CANVAS_SIDE):
         raise BuildError(f"--canvas-size {w}x{h}: each side must be in 1..{MAX_CANVAS_SIDE}")
+    if opts.max_side is not None:
+        if not 16 <= opts.max_side <= MAX_SIDE_LIMIT:
+            raise BuildError(f"--max-side must be in 16..{MAX_SIDE_LIMIT}, got {opts.max_side}")
+        if opts.canvas.mode != "none" and max(w, h) > opts.max_side:
+            raise BuildError(f"--canvas-size {w}x{h} is larger than --max-side {opts.max_side}; "
+                             f"baked canvases keep their size: pick a smaller canvas or a larger --max-side")
     check_sources(opts)
     splits = resolve_splits(opts)
     spec = opts.output_spec(splits)
@@ -409,7 +415,7 @@ def _write_all(opts: BuildOptions, out: Path, datasets: list[DatasetPlan], journ
     todo = sum(0 if progress[(ds.name, sp.split)].done else sp.n - start_index(progress[(ds.name, sp.split)])
                for ds in datasets for sp in ds.splits)
     settings = EncodeSettings(opts.jpeg_quality, opts.canvas, opts.seed, ship_passthrough=opts.workers <= 1,
-                              max_pixels=opts.max_pixels, verify_decode=opts.verify_decode)
+                              max_pixels=opts.max_pixels, verify_decode=opts.verify_decode, max_side=opts.max_side)
     stall = _Stall()
     with job_runner(opts.workers, settings) as run, tqdm(
         total=todo, unit="img", file=sys.stderr, disable=not opts.progress, mininterval=0.5, desc="images"
