@@ -11,6 +11,8 @@ plus scenes and frames again with ``--max-side M``.  Then, in one process:
 
   decode limit  megapixels/s of one core decoding every JPEG of the build:
                 PIL (open -> RGB -> numpy -> CHW tensor) and torchvision.io.decode_jpeg;
+  stages        the loader's own stages up to the decode (read by offset, json and header
+                checks, decode), one core: images/s against the decode limit;
   loader        the whole pre-training loader (read -> check -> decode -> unify -> two
                 views -> collate), one epoch, with data.decode=pil and =tensor, for each
                 --workers value; megapixels of source image per second, and that per core
@@ -115,6 +117,20 @@ def loader_rate(build_dir: Path, decoder: str, workers: int, params: ViewParams)
     return images / dt, dt, first
 
 
+def stage_rate(build_dir: Path, decoder: str) -> float:
+    """Images per second of the loader's own stages up to the decode (read by offset ->
+    json and header checks -> decode), one core, every sample of the build once."""
+    src = D.open_source(str(build_dir))
+    reader = D.ShardReader(src.shards)
+    items = [(k, (s, i, 0), 0) for k, (s, i) in
+             enumerate((s, i) for s, info in enumerate(src.shards) for i in range(info.samples))]
+    for s in range(len(src.shards)):
+        reader.index(s)
+    t0 = time.perf_counter()
+    n = sum(1 for _ in D.decode_samples(D.read_samples(items, reader), decoder=decoder))
+    return n / (time.perf_counter() - t0)
+
+
 def same_batch(a: dict, b: dict) -> bool:
     return a["keys"] == b["keys"] and all(
         torch.equal(x, y) for v in ("view1", "view2") for x, y in zip(a[v]["images"], b[v]["images"]))
@@ -202,6 +218,11 @@ def main() -> None:
         mp_per_img = float(np.mean([decode_tv(b).shape[1] * decode_tv(b).shape[2] for b in blobs[:4]])) / 1e6
         lim_pil, lim_tv = decode_limit(blobs, decode_pil), decode_limit(blobs, decode_tv)
         print(f"{name:<18} PIL {lim_pil:6.1f}  tv {lim_tv:6.1f} ({lim_tv / lim_pil:.2f}x)", flush=True)
+        stage = {dec: max(stage_rate(bdir, dec) for _ in range(args.repeat)) for dec in ("pil", "tensor")}
+        lim_img = lim_tv / mp_per_img
+        print(f"{'':<18} {'':>23} | read+check+decode (no views), 1 core: pil {stage['pil']:6.1f} img/s, "
+              f"tensor {stage['tensor']:6.1f} img/s = {stage['tensor'] / lim_img:.2f}x the tv decode limit",
+              flush=True)
         firsts = {}
         for w in workers:
             rates = {}
