@@ -48,7 +48,7 @@ def test_tensor_decoder_gives_the_pil_pixels(mode, kw):
     s = _sample(_jpeg(arr, mode, **kw), 123, 77)
     a = D._decode_one(dict(s), decoder="tensor")["image"]
     b = D._decode_one(dict(s), decoder="pil")["image"]
-    assert a.dtype == torch.uint8 and a.shape == (3, 77, 123)
+    assert a.dtype == torch.uint8 and a.shape == (3, 77, 123) and a.is_contiguous()
     assert torch.equal(a, b)
 
 
