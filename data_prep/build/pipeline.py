@@ -22,9 +22,8 @@ from .files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json
 from .options import MAX_CANVAS_SIDE, MAX_SIDE_LIMIT, BuildError, BuildOptions, fingerprint
 from .plan import (DatasetPlan, SplitPlan, StrictSkip, check_sources, load_module, plan_build, resolve_splits,
                    strict_message, subset_file_name)
-from .shards import (JOURNAL_NAME, LEGACY_JOURNAL_NAME, Journal, ShardEntry, ShardSink, SplitProgress,
+from .shards import (JOURNAL_NAME, LEGACY_JOURNAL_NAME, Counts, Journal, ShardEntry, ShardSink, SplitProgress,
                      journal_shard_paths, shard_name)
-from .shards import Counts
 
 STATE_NAME = "build.json"
 # Test hook: stall (sleep) right after the Nth sample is written, with the
