@@ -53,7 +53,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.augment import ViewParams, make_two_views
-from pretrain.integrity import IntegrityError, check_header, check_manifest, check_meta, check_shard, open_image
+from pretrain.integrity import (IntegrityError, check_header, check_manifest, check_meta, check_pixels, check_shard,
+                                jpeg_header, open_image)
 
 
 @dataclass
@@ -506,17 +507,24 @@ def _decode_one(sample: dict, max_pixels: int = DataConfig.max_pixels, decoder: 
     image = None
     try:
         jw, jh = check_header(meta, where)
-        with open_image(sample["jpg"], where, max_pixels) as im:
-            w, h = im.size
+        # greyscale / YCbCr JPEGs go to libjpeg-turbo (or nvjpeg) on a header read here;
+        # CMYK, PNG bytes and anything unusual keep PIL's open and conversion
+        header = jpeg_header(sample["jpg"]) if decoder != "pil" else None
+        if header is not None and header[2] in (1, 3):
+            w, h = header[:2]
+            check_pixels(w, h, where, max_pixels)
             if (w, h) != (jw, jh):
                 raise DataError(f"{where}: image is {w}x{h} but json says {jw}x{jh}")
             check_meta(meta, where, sample.get("__expect__"))
-            # CMYK and other rare modes keep PIL's own conversion
-            libjpeg = im.format == "JPEG" and im.mode in ("RGB", "L") and decoder != "pil"
-            if not libjpeg:
+            if decoder == "tensor":
+                image = decode_jpeg_chw(sample["jpg"], where, (w, h))
+        else:
+            with open_image(sample["jpg"], where, max_pixels) as im:
+                w, h = im.size
+                if (w, h) != (jw, jh):
+                    raise DataError(f"{where}: image is {w}x{h} but json says {jw}x{jh}")
+                check_meta(meta, where, sample.get("__expect__"))
                 image = _pil_to_chw(im)
-        if libjpeg and decoder == "tensor":
-            image = decode_jpeg_chw(sample["jpg"], where, (w, h))
     except IntegrityError as e:
         raise DataError(str(e)) from None
     except (OSError, ValueError) as e:
