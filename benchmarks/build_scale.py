@@ -6,8 +6,9 @@ is generated (16 distinct 32x64 JPEGs, reused: generating is not what we
 measure), then, each in a fresh process:
 
   parse   the parser alone (luperson.parse, every record consumed);
-  build   ``data_prep build --workers W --shard-size 1000``: wall time and memory of
-          the main process (plan, journal, manifest live there) and of the largest worker.
+  build   ``data_prep build --workers W --shard-size 1000``: wall time, CPU time (main +
+          workers; robust to other jobs on a shared machine) and memory of the main
+          process (plan, journal, manifest live there) and of the largest worker.
 
 Memory is reported two ways: ``anon`` = peak anonymous RSS (RssAnon of
 /proc/PID/status sampled every 50 ms: the process's own heap, what grows when
@@ -132,9 +133,11 @@ def child(mode: str, src: str, out: str, workers: int) -> None:
                                    workers=workers, progress=False), log=lambda _m: None)
         n = m["datasets"]["luperson"]["splits"]["train"]["samples"]
     dt = time.perf_counter() - t0
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
     sampler.done.set()
     sampler.join()
-    print(json.dumps({"n": n, "s": dt, "hwm": _rss_mb(resource.RUSAGE_SELF), "anon": sampler.main,
+    print(json.dumps({"n": n, "s": dt, "cpu": cpu, "hwm": _rss_mb(resource.RUSAGE_SELF), "anon": sampler.main,
                       "worker_anon": sampler.worker, "worker_hwm": _rss_mb(resource.RUSAGE_CHILDREN)}))
 
 
@@ -162,7 +165,7 @@ def main() -> None:
     print(f"code: {args.code}  workers: {args.workers}  python {sys.version.split()[0]}", flush=True)
     print("memory in MB: anon = peak anonymous RSS, hwm = peak RSS incl. mapped LMDB pages")
     print(f"{'records':>9} {'gen s':>6} | {'parse anon':>10} {'hwm':>6} | {'build s':>8} {'us/rec':>7} "
-          f"{'anon':>6} {'hwm':>6} | {'worker anon':>11} {'hwm':>6}", flush=True)
+          f"{'cpu us/rec':>10} {'anon':>6} {'hwm':>6} | {'worker anon':>11} {'hwm':>6}", flush=True)
     rows = []
     for n in sizes:
         case = work / f"n{n}"
@@ -173,14 +176,16 @@ def main() -> None:
         parsed = run_child("parse", case / "src", case / "out", args.workers, args.code)
         built = run_child("build", case / "src", case / "out", args.workers, args.code)
         assert parsed["n"] == n and built["n"] == n, (parsed, built)
-        rows.append((n, built["s"] / n * 1e6, built["anon"], built["worker_anon"]))
+        rows.append((n, built["s"] / n * 1e6, built["anon"], built["worker_anon"], built["cpu"] / n * 1e6))
         print(f"{n:>9} {gen:>6.1f} | {parsed['anon']:>10.0f} {parsed['hwm']:>6.0f} | {built['s']:>8.1f} "
-              f"{built['s'] / n * 1e6:>7.1f} {built['anon']:>6.0f} {built['hwm']:>6.0f} | "
+              f"{built['s'] / n * 1e6:>7.1f} {built['cpu'] / n * 1e6:>10.1f} {built['anon']:>6.0f} "
+              f"{built['hwm']:>6.0f} | "
               f"{built['worker_anon']:>11.0f} {built['worker_hwm']:>6.0f}", flush=True)
         shutil.rmtree(case)
-    n0, us0, anon0, w0 = rows[0]
-    for n, us, anon, w in rows[1:]:
-        print(f"{n} vs {n0} records: time per record {us / us0:.2f}x, peak anon RSS main {anon / anon0:.2f}x, "
+    n0, us0, anon0, w0, cpu0 = rows[0]
+    for n, us, anon, w, cpu in rows[1:]:
+        print(f"{n} vs {n0} records: time per record {us / us0:.2f}x (CPU {cpu / cpu0:.2f}x), "
+              f"peak anon RSS main {anon / anon0:.2f}x, "
               f"largest worker {w / max(w0, 1e-9):.2f}x")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
