@@ -478,7 +478,7 @@ def _jpeg_tensor(data: bytes) -> torch.Tensor:
 def decode_jpeg_chw(data: bytes, where: str, size: tuple[int, int]) -> torch.Tensor:
     """libjpeg-turbo (torchvision.io) into a uint8 [3, H, W] tensor: no PIL image and no HWC
     numpy array.  The pixels equal PIL's (tests/test_loader_decode.py).  decode_jpeg returns
-    a CHW view of HWC memory; one contiguous copy (~1 ms for a 1000x700 scene) makes the two
+    a CHW view of HWC memory; one contiguous copy (~0.6 ms for a 1000x700 scene) makes the two
     views' resize and colour jitter ~25% faster (benchmarks/loader.py)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 

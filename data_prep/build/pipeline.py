@@ -67,7 +67,8 @@ def _our_tmp_files(ds_dir: Path) -> list[Path]:
 def _our_files(out: Path, ds_dir: Path) -> list[Path]:
     recorded = _recorded_shards(out, ds_dir)
     files = [p for p in ds_dir.glob("*.tar") if p.name in recorded and _SHARD_RE.match(p.name)]
-    files += [p for p in ds_dir.iterdir() if p.is_file() and (p.name in (JOURNAL_NAME, LEGACY_JOURNAL_NAME) or _SUBSET_RE.match(p.name))] \
+    ours = (JOURNAL_NAME, LEGACY_JOURNAL_NAME)
+    files += [p for p in ds_dir.iterdir() if p.is_file() and (p.name in ours or _SUBSET_RE.match(p.name))] \
         if ds_dir.is_dir() else []
     return files + _our_tmp_files(ds_dir)
 
@@ -169,8 +170,9 @@ def resume_split(out: Path, journal: Journal, sp: SplitPlan, log) -> SplitProgre
         good.append(entry)
     if len(good) < len(prog.shards):
         return journal.start_split(sp.split, plan_sha, keep=len(good))
-    log(f"  {sp.dataset}/{sp.split}: {len(good)} finished shard(s) verified"
-        + ("" if prog.done else f", resuming at record {good[-1].end}"))
+    if good:
+        log(f"  {sp.dataset}/{sp.split}: {len(good)} finished shard(s) verified"
+            + ("" if prog.done else f", resuming at record {good[-1].end}"))
     return prog
 
 
