@@ -28,7 +28,7 @@ from data_prep.record import ImageRef, Record
 from test_build import REPO, run_cli, sources, synth_world, tree_bytes
 
 ARGS = ["--shard-size", 3, "--quiet"]
-NAMES = ["market1501", "crowdhuman"]
+NAMES = ["market1501"]
 
 
 @pytest.fixture(scope="module")
