@@ -23,7 +23,7 @@ plus scenes and frames again with ``--max-side M``.  Then, in one process:
                 SimpleRGBImageDecoder, one worker) against torchvision's decode of the same
                 canvases (ffcv's decoders need one image size, so only the canvases qualify).
 
-Usage:  python benchmarks/loader.py [--n 24] [--workers 0,2] [--max-side 800]
+Usage:  python benchmarks/loader.py [--n 24] [--workers 0,2] [--max-side 1500]
             [--min-size 900 --max-size 1500] [--threads 1] [--repeat 3] [--workdir DIR]
 Rates are the best of --repeat epochs, the compared paths alternated (the machine is shared).
 """
