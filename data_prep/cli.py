@@ -135,7 +135,7 @@ def cmd_build(args) -> int:
         shard_size=args.shard_size, limits=limits_from(args), canvas=canvas,
         jpeg_quality=args.jpeg_quality, seed=args.seed, format_options=format_options_from(args),
         workers=args.workers, strict=args.strict, overwrite=args.overwrite, progress=not args.quiet,
-        max_pixels=args.max_pixels, verify_decode=args.verify_decode,
+        max_pixels=args.max_pixels, verify_decode=args.verify_decode, max_side=args.max_side,
     )
     t0 = time.perf_counter()
     try:
@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verify-decode", action="store_true",
                    help="fully decode pass-through JPEGs and check their scan data (corrupt_image); off by "
                         "default: it costs the pass-through speed")
+    b.add_argument("--max-side", type=int, default=None, metavar="N",
+                   help="downscale images whose longer side exceeds N pixels (boxes scaled with them; the "
+                        "json's 'resize' records the scale); decode cost grows with pixels")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--format-option", action="append", default=[], metavar="NAME:key=value",
                    help="keyword passed to NAME's parser, e.g. ecp:time=day or crowdhuman:box=vbox")

@@ -60,6 +60,12 @@ def labeled_ids(records: Iterable[Record], id_spaces: dict[str, str] | None = No
     return sorted({(spaces.get(r.split, r.split), i) for r in records for i in r.ids if _uses_label(r, i)})
 
 
+def pseudo_count(rec: Record) -> int:
+    """How many fresh pseudo ids :func:`global_ids_for` draws for ``rec`` (a
+    streaming build counts them per split before any id is handed out)."""
+    return sum(1 for local in rec.ids if not _uses_label(rec, local) and rec.task != "ps")
+
+
 def global_ids_for(rec: Record, block: IdBlock) -> list[int]:
     """Global ids of ``rec``'s boxes; draws fresh pseudo ids from ``block``."""
     out = []

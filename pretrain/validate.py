@@ -121,7 +121,7 @@ RULES: dict[str, Check] = {
     "data.crop_scale": each(rng(0, 1, lo_open=True), 2, ordered=True),
     "data.min_visible": UNIT, "data.min_box_size": NONNEG,
     "data.color_jitter": each(NONNEG, 4), "data.max_pixels": IPOS, "data.verify_shards": anything,
-    "data.group_by_aspect": anything,
+    "data.group_by_aspect": anything, "data.decode": choice("tensor", "pil", "cuda"),
     # train (pretrain/config.py)
     "train.output_dir": nonempty_str, "train.max_steps": IPOS, "train.seed": rng(0, 2 ** 32 - 1),
     "train.lr": POS, "train.momentum": rng(0, 1, hi_open=True), "train.weight_decay": NONNEG,

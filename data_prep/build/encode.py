@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import imageio
 from ..canvas import PLANNERS, apply_placement
-from ..record import Record, box_is_degenerate, clip_box
+from ..record import ImageRef, Record, box_is_degenerate, clip_box
 from .options import CanvasOptions
 
 
@@ -30,6 +30,7 @@ class EncodeSettings:
     ship_passthrough: bool = True
     max_pixels: int = imageio.MAX_PIXELS
     verify_decode: bool = False
+    max_side: int | None = None      # downscale images whose longer side is larger (--max-side)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Sample:
     box_skips: list[tuple[str, str, str]] = field(default_factory=list)   # (reason, source, detail)
     dropped_boxes: list[int] = field(default_factory=list)               # box indices not written
     jpg_len: int = 0
+    reload: tuple[ImageRef, str] | None = None   # (image, source) when ``jpg`` is None
 
 
 @dataclass
@@ -177,18 +179,61 @@ def _encode_pixels(pixels, fmt: str, rec: Record, boxes, ignore, settings: Encod
     return imageio.encode_jpeg(pixels, settings.jpeg_quality), None, boxes, ignore, None
 
 
+def fit_max_side(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """``size`` scaled so its longer side is ``max_side`` (unchanged if it already fits)."""
+    w, h = size
+    if max(w, h) <= max_side:
+        return size
+    s = max_side / max(w, h)
+    return max(1, min(max_side, round(w * s))), max(1, min(max_side, round(h * s)))
+
+
+def _scale_boxes(boxes, sx: float, sy: float) -> list[list[float]]:
+    return [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
+
+
+def downscale(pixels, fmt: str, size: tuple[int, int]) -> np.ndarray:
+    """Decode (JPEGs at a DCT-reduced size no smaller than ``size``: 1/2 to 1/8
+    of the pixels are never decoded) and resize to exactly ``size`` (w, h)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        if fmt == "jpeg":
+            with Image.open(io.BytesIO(pixels)) as im:
+                im.draft("RGB", size)
+                im.load()
+                img = Image.fromarray(imageio._to_rgb8(im))
+        else:
+            img = Image.fromarray(np.ascontiguousarray(pixels))
+        return np.asarray(img.resize(size, Image.Resampling.BILINEAR))
+    except Exception as e:
+        raise imageio.ImageError("corrupt_image", f"{type(e).__name__}: {e}") from None
+
+
 def encode_job(job: Job, settings: EncodeSettings) -> Sample | Dropped:
     """Read, check and encode one record; a :class:`Dropped` says why not."""
     rec = job.record
     fixes: list[str] = []
+    resize = None
     try:
         pixels, fmt, size = _read(rec, settings)
         boxes, ignore = _reconcile(rec, size, fixes)
+        baked = rec.task == "reid" and settings.canvas.mode != "none"   # the canvas size bounds those
+        if settings.max_side is not None and not baked:
+            target = fit_max_side(size, settings.max_side)
+            sx, sy = target[0] / size[0], target[1] / size[1]
+            resize = {"max_side": settings.max_side, "scale": [sx, sy], "orig_size": [size[0], size[1]]}
+            if target != size:
+                boxes, ignore = _scale_boxes(boxes, sx, sy), _scale_boxes(ignore, sx, sy)
         keep, box_skips = _usable_boxes(rec, boxes)
         if not keep:
             return Dropped(job.index, "no_person", rec.source, "no usable box", fixes)
         boxes = [boxes[i] for i in keep]
         ignore = [b for b in ignore if not box_is_degenerate(b)]
+        if resize is not None and target != size:
+            pixels, fmt, size = downscale(pixels, fmt, target), "raw", target
         jpg, canvas_size, boxes, ignore, canvas_meta = _encode_pixels(pixels, fmt, rec, boxes, ignore, settings)
     except imageio.ImageError as e:
         return Dropped(job.index, e.reason, rec.source, e.detail, fixes)
@@ -199,18 +244,21 @@ def encode_job(job: Job, settings: EncodeSettings) -> Sample | Dropped:
         "boxes": boxes, "pids": [job.pids[i] for i in keep], "local_ids": [rec.ids[i] for i in keep],
         "ignore": ignore, "camera": rec.camera, "source": rec.source, "canvas": canvas_meta,
     }
+    if settings.max_side is not None:
+        meta["resize"] = resize     # None for baked canvases
     return Sample(
         index=job.index, key=sample_key(rec.dataset, rec.split, rec.key), jpg=jpg,
         meta=json.dumps(meta, sort_keys=True, separators=(",", ":"), default=_plain).encode(),
         n_boxes=len(boxes), n_ignore=len(ignore), fixes=fixes, box_skips=box_skips,
         dropped_boxes=[i for i in range(len(job.pids)) if i not in keep],
         jpg_len=len(pixels) if fmt == "jpeg" and canvas_meta is None else 0,
+        reload=(rec.image, rec.source) if jpg is None else None,
     )
 
 
-def reload_passthrough(rec: Record, expected_len: int) -> bytes:
+def reload_passthrough(image: ImageRef, expected_len: int) -> bytes:
     """The pass-through bytes a worker checked, read again by the writer."""
-    data, fmt = imageio.load_encoded(rec.image)
+    data, fmt = imageio.load_encoded(image)
     if fmt != "jpeg" or len(data) != expected_len:
         raise imageio.ImageError("corrupt_image", "file changed while the build was reading it")
     imageio.check_jpeg_complete(data)

@@ -10,6 +10,7 @@ from typing import Any
 CANVAS_MODES = ("none", "expand_resize", "random_paste")
 MAX_PIXELS = 64_000_000      # = data_prep.imageio.MAX_PIXELS (options stay free of imports)
 MAX_CANVAS_SIDE = 4096       # a 40000x40000 canvas is 4.8 GB per image
+MAX_SIDE_LIMIT = 65535       # --max-side: JPEG's own limit per side
 
 
 class BuildError(Exception):
@@ -51,6 +52,7 @@ class BuildOptions:
     format_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_pixels: int = MAX_PIXELS
     verify_decode: bool = False
+    max_side: int | None = None                     # downscale so the longer side is at most this
     # Below: how to run, not what to produce (not part of the fingerprint).
     workers: int = 1
     strict: bool = False
@@ -71,6 +73,7 @@ class BuildOptions:
             # only when not the default, so builds made before these options keep their fingerprint
             **({"max_pixels": self.max_pixels} if self.max_pixels != MAX_PIXELS else {}),
             **({"verify_decode": True} if self.verify_decode else {}),
+            **({"max_side": self.max_side} if self.max_side is not None else {}),
         }
 
 

@@ -3,6 +3,7 @@ plan (parsers + ids), verify what a previous run finished, encode images in a
 process pool and write shards in order, then write the manifest last."""
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import re
@@ -18,15 +19,18 @@ from .. import manifest as mf
 from ..imageio import ImageError
 from .encode import Dropped, EncodeSettings, Job, Sample, init_worker, reload_passthrough, run_job
 from .files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json
-from .options import MAX_CANVAS_SIDE, BuildError, BuildOptions, fingerprint
+from .options import MAX_CANVAS_SIDE, MAX_SIDE_LIMIT, BuildError, BuildOptions, fingerprint
 from .plan import (DatasetPlan, SplitPlan, StrictSkip, check_sources, load_module, plan_build, resolve_splits,
                    strict_message, subset_file_name)
-from .shards import JOURNAL_NAME, Counts, Journal, ShardEntry, ShardSink, SplitProgress, shard_name
+from .shards import (JOURNAL_NAME, LEGACY_JOURNAL_NAME, Counts, Journal, ShardEntry, ShardSink, SplitProgress,
+                     journal_shard_paths, shard_name)
 
 STATE_NAME = "build.json"
 # Test hook: stall (sleep) right after the Nth sample is written, with the
 # shard's .tmp flushed, so a test can SIGKILL a build at a known point.
 STALL_ENV = "HYBRIDPS_BUILD_STALL_AFTER"
+# Jobs in flight per worker, in chunks, with a process pool (bounds the builder's memory).
+WINDOW_CHUNKS = 16
 
 
 # --------------------------------------------------------------------------- output dir
@@ -43,13 +47,7 @@ def _recorded_shards(out: Path, ds_dir: Path) -> set[str]:
     journal or manifest (whatever its fingerprint)."""
     import json
 
-    paths: list[str] = []
-    try:
-        d = json.loads((ds_dir / JOURNAL_NAME).read_text())
-        for sp in d.get("splits", {}).values():
-            paths += [s.get("path", "") for s in sp.get("shards", [])]
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass
+    paths = journal_shard_paths(ds_dir / JOURNAL_NAME) + journal_shard_paths(ds_dir / LEGACY_JOURNAL_NAME)
     try:
         m = json.loads((out / mf.MANIFEST_NAME).read_text())
         for entry in m.get("datasets", {}).get(ds_dir.name, {}).get("splits", {}).values():
@@ -62,14 +60,15 @@ def _recorded_shards(out: Path, ds_dir: Path) -> set[str]:
 def _our_tmp_files(ds_dir: Path) -> list[Path]:
     """Temporary files under names only a build uses (a killed run's leftovers)."""
     return [p for p in ds_dir.glob("*" + TMP_SUFFIX)
-            if _SHARD_TMP_RE.match(p.name) or p.name == JOURNAL_NAME + TMP_SUFFIX
+            if _SHARD_TMP_RE.match(p.name) or p.name in (JOURNAL_NAME + TMP_SUFFIX, LEGACY_JOURNAL_NAME + TMP_SUFFIX)
             or _SUBSET_RE.match(p.name[:-len(TMP_SUFFIX)])]
 
 
 def _our_files(out: Path, ds_dir: Path) -> list[Path]:
     recorded = _recorded_shards(out, ds_dir)
     files = [p for p in ds_dir.glob("*.tar") if p.name in recorded and _SHARD_RE.match(p.name)]
-    files += [p for p in ds_dir.iterdir() if p.is_file() and (p.name == JOURNAL_NAME or _SUBSET_RE.match(p.name))] \
+    ours = (JOURNAL_NAME, LEGACY_JOURNAL_NAME)
+    files += [p for p in ds_dir.iterdir() if p.is_file() and (p.name in ours or _SUBSET_RE.match(p.name))] \
         if ds_dir.is_dir() else []
     return files + _our_tmp_files(ds_dir)
 
@@ -144,6 +143,7 @@ def prepare_out_dir(out: Path, spec: dict, fp: str, overwrite: bool) -> None:
         _clear_previous(out, names)
     for name in names:
         (out / name).mkdir(exist_ok=True)
+        (out / name / LEGACY_JOURNAL_NAME).unlink(missing_ok=True)   # superseded by progress.jsonl
         for p in _our_tmp_files(out / name):
             p.unlink(missing_ok=True)
     atomic_write_json(state_path, {"fingerprint": fp, "spec": spec})
@@ -155,8 +155,8 @@ def resume_split(out: Path, journal: Journal, sp: SplitPlan, log) -> SplitProgre
     plan_sha = sp.plan_sha()
     prog = journal.splits.get(sp.split)
     if prog is None or not prog.shards and not prog.done:
-        prog = SplitProgress(plan=plan_sha)
-    elif prog.plan != plan_sha:
+        return journal.start_split(sp.split, plan_sha)
+    if prog.plan != plan_sha:
         raise BuildError(
             f"{sp.dataset}/{sp.split}: the source annotations changed since the interrupted build "
             f"(same arguments, different records); add --overwrite to rebuild"
@@ -169,11 +169,10 @@ def resume_split(out: Path, journal: Journal, sp: SplitPlan, log) -> SplitProgre
             break
         good.append(entry)
     if len(good) < len(prog.shards):
-        prog = SplitProgress(plan=plan_sha, shards=good)
-    elif good:
+        return journal.start_split(sp.split, plan_sha, keep=len(good))
+    if good:
         log(f"  {sp.dataset}/{sp.split}: {len(good)} finished shard(s) verified"
             + ("" if prog.done else f", resuming at record {good[-1].end}"))
-    journal.splits[sp.split] = prog
     return prog
 
 
@@ -191,8 +190,17 @@ def job_runner(workers: int, settings: EncodeSettings) -> Iterator[Callable]:
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with mp.get_context(method).Pool(workers, initializer=init_worker, initargs=(settings,)) as pool:
-        # Big chunks amortise the per-task IPC; small splits still use every worker.
-        yield lambda jobs, n: pool.imap(run_job, jobs, chunksize=max(1, min(32, n // (4 * workers))))
+        def run(jobs, n):
+            # Big chunks amortise the per-task IPC; small splits still use every worker.
+            chunk = max(1, min(32, n // (4 * workers)))
+            # imap alone reads every job up front and queues results the writer has not taken
+            # yet: memory would grow with the split.  A window bounds both.
+            window = chunk * workers * WINDOW_CHUNKS
+            it = iter(jobs)
+            while batch := list(itertools.islice(it, window)):
+                yield from pool.imap(run_job, batch, chunksize=chunk)
+
+        yield run
 
 
 # --------------------------------------------------------------------------- writing
@@ -213,8 +221,8 @@ class SplitWriter:
     def _commit(self, end: int) -> None:
         sha, size = self.sink.commit()
         rel = self.sink.final.relative_to(self.out).as_posix()
-        self.prog.shards.append(ShardEntry(rel, self.sink.samples, sha, size, self.range_start, end, self.counts))
-        self.journal.save()
+        self.journal.add_shard(self.sp.split, ShardEntry(rel, self.sink.samples, sha, size, self.range_start, end,
+                                                         self.counts))
         self.sink, self.counts, self.range_start = None, Counts(), end
 
     def add(self, res: Sample | Dropped) -> None:
@@ -225,11 +233,11 @@ class SplitWriter:
             self.counts.dropped_records.append(res.index)
             return
         if res.jpg is None:
-            rec = self.sp.records[res.index]
+            image, source = res.reload
             try:
-                res.jpg = reload_passthrough(rec, res.jpg_len)
+                res.jpg = reload_passthrough(image, res.jpg_len)
             except ImageError as e:
-                return self.add(Dropped(res.index, e.reason, rec.source, e.detail, res.fixes))
+                return self.add(Dropped(res.index, e.reason, source, e.detail, res.fixes))
         for reason, source, detail in res.box_skips:
             self._strict(reason, source, detail)
         if self.sink is not None and self.sink.samples >= self.opts.shard_size:
@@ -247,11 +255,9 @@ class SplitWriter:
 
     def finish(self) -> None:
         if self.sink is not None:
-            self._commit(len(self.sp.records))
-        elif self.counts.skipped or self.counts.fixed or self.counts.dropped_records:
-            self.prog.tail = self.counts
-        self.prog.done = True
-        self.journal.save()
+            self._commit(self.sp.n)
+        tail = self.counts if self.counts.skipped or self.counts.fixed or self.counts.dropped_records else None
+        self.journal.split_done(self.sp.split, tail)
         keep = {Path(s.path).name for s in self.prog.shards}
         for stale in (self.out / self.ds.name).glob(f"{self.sp.split}-*.tar"):
             # left by an older, longer run of the same build; only shard names, never a user's tar
@@ -287,9 +293,9 @@ def write_split(out, ds, sp, journal, run, bar, opts, stall: _Stall) -> None:
         return
     first = start_index(prog)
     writer = SplitWriter(out, ds, sp, journal, opts)
-    jobs = (Job(i, ds.domain, sp.records[i], sp.pids[i]) for i in range(first, len(sp.records)))
+    jobs = (Job(i, ds.domain, rec, pids) for i, rec, pids in sp.items(first))
     try:
-        for res in run(jobs, len(sp.records) - first):
+        for res in run(jobs, sp.n - first):
             bar.update(1)
             writer.add(res)
             if isinstance(res, Sample):
@@ -303,23 +309,29 @@ def write_split(out, ds, sp, journal, run, bar, opts, stall: _Stall) -> None:
 # --------------------------------------------------------------------------- manifest
 def unused_ids(ds: DatasetPlan, journal: Journal) -> int:
     """Ids of the block no written sample carries (records dropped at the image stage)."""
-    used = set()
+    labeled, pseudo = set(), 0        # pseudo ids are drawn once each: counted, not collected
+    first_pseudo = ds.block.lo + ds.block.num_labeled
     for sp in ds.splits:
         totals = journal.splits[sp.split].totals()
         dropped = set(totals.dropped_records)
         dropped_boxes = {(r, b) for r, b in totals.dropped_boxes}
-        for i, pids in enumerate(sp.pids):
+        for i, _, pids in sp.items():
             if i in dropped:
                 continue
-            used.update(p for b, p in enumerate(pids) if p >= 0 and (i, b) not in dropped_boxes)
-    return ds.block.hi - ds.block.lo - len(used)
+            for b, p in enumerate(pids):
+                if p >= 0 and (i, b) not in dropped_boxes:
+                    if p >= first_pseudo:
+                        pseudo += 1
+                    else:
+                        labeled.add(p)
+    return ds.block.hi - ds.block.lo - len(labeled) - pseudo
 
 
 def split_manifest(ds: DatasetPlan, sp: SplitPlan, prog: SplitProgress) -> dict:
     totals = prog.totals()
     skipped = sp.skipped + totals.skipped
     entry = {
-        "records": len(sp.records), "samples": totals.samples, "boxes": totals.boxes,
+        "records": sp.n, "samples": totals.samples, "boxes": totals.boxes,
         "ignore_regions": totals.ignore_regions,
         "skipped": dict(sorted(skipped.items())), "fixed": dict(sorted((sp.fixed + totals.fixed).items())),
         "shards": [{"path": s.path, "samples": s.samples, "sha256": s.sha256} for s in prog.shards],
@@ -364,6 +376,12 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> dict:
     w, h = opts.canvas.size
     if not (1 <= w <= MAX_CANVAS_SIDE and 1 <= h <= MAX_CANVAS_SIDE):
         raise BuildError(f"--canvas-size {w}x{h}: each side must be in 1..{MAX_CANVAS_SIDE}")
+    if opts.max_side is not None:
+        if not 16 <= opts.max_side <= MAX_SIDE_LIMIT:
+            raise BuildError(f"--max-side must be in 16..{MAX_SIDE_LIMIT}, got {opts.max_side}")
+        if opts.canvas.mode != "none" and max(w, h) > opts.max_side:
+            raise BuildError(f"--canvas-size {w}x{h} is larger than --max-side {opts.max_side}; "
+                             f"baked canvases keep their size: pick a smaller canvas or a larger --max-side")
     check_sources(opts)
     splits = resolve_splits(opts)
     spec = opts.output_spec(splits)
@@ -382,14 +400,23 @@ def _run_locked(opts: BuildOptions, out: Path, splits, spec: dict, fp: str, log)
         if notice:
             log(f"  licence {name}: {notice}")
     datasets, num_ids = plan_build(opts, splits, log)
-    write_subset_files(out, datasets)
-
     journals = {ds.name: Journal.load(out / ds.name / JOURNAL_NAME, fp) for ds in datasets}
+    try:
+        return _write_all(opts, out, datasets, journals, num_ids, spec, fp, log)
+    finally:
+        for ds in datasets:
+            journals[ds.name].close()
+            ds.close()
+
+
+def _write_all(opts: BuildOptions, out: Path, datasets: list[DatasetPlan], journals: dict[str, Journal],
+               num_ids: int, spec: dict, fp: str, log) -> dict:
+    write_subset_files(out, datasets)
     progress = {(ds.name, sp.split): resume_split(out, journals[ds.name], sp, log) for ds in datasets for sp in ds.splits}
-    todo = sum(0 if progress[(ds.name, sp.split)].done else len(sp.records) - start_index(progress[(ds.name, sp.split)])
+    todo = sum(0 if progress[(ds.name, sp.split)].done else sp.n - start_index(progress[(ds.name, sp.split)])
                for ds in datasets for sp in ds.splits)
     settings = EncodeSettings(opts.jpeg_quality, opts.canvas, opts.seed, ship_passthrough=opts.workers <= 1,
-                              max_pixels=opts.max_pixels, verify_decode=opts.verify_decode)
+                              max_pixels=opts.max_pixels, verify_decode=opts.verify_decode, max_side=opts.max_side)
     stall = _Stall()
     with job_runner(opts.workers, settings) as run, tqdm(
         total=todo, unit="img", file=sys.stderr, disable=not opts.progress, mininterval=0.5, desc="images"

@@ -7,39 +7,72 @@ import inspect
 import json
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..formats import FORMATS, get_format
-from ..identity import IdBlock, assign_build
+from ..identity import IdBlock, global_ids_for, labeled_ids, pseudo_count
 from ..record import Fix, Record, Skip, check_record
 from .options import BuildError, BuildOptions
+from .spill import RecordSpill, load_record
 
 SUBSET_FILE = "subset_keys.txt"
 
 
 @dataclass
 class SplitPlan:
+    """One split's records (streamed from a :class:`RecordSpill`, never all in
+    memory), what the parser skipped or fixed, and how ids are drawn for it."""
+
     dataset: str
     split: str
-    records: list[Record] = field(default_factory=list)
-    pids: list[list[int]] = field(default_factory=list)   # global id per box, per record
+    spill: RecordSpill = field(default_factory=RecordSpill)
     skipped: Counter = field(default_factory=Counter)     # parser-stage skips by reason
     fixed: Counter = field(default_factory=Counter)
     subset: dict | None = None                            # {"n", "seed", "keys"} under --limit
+    # filled by finalize() / plan_build():
+    records_sha: str = ""
+    pseudo: int = 0                                       # fresh pseudo ids the records draw
+    labels: set = field(default_factory=set)              # (space, local id) pairs that get labeled ids
+    labeled_flags: set = field(default_factory=set)
+    block: IdBlock | None = None
+    pseudo_start: int = 0                                 # block.num_pseudo before this split
+
+    @property
+    def n(self) -> int:
+        return len(self.spill)
+
+    def finalize(self, id_spaces: dict[str, str]) -> None:
+        """One pass over the kept records: their digest, the ids they need."""
+        h = hashlib.sha256()
+        for line in self.spill.lines():
+            h.update(line)
+            rec = load_record(line)
+            self.pseudo += pseudo_count(rec)
+            self.labels.update(labeled_ids([rec], id_spaces))
+            self.labeled_flags.add(rec.labeled)
+        self.records_sha = h.hexdigest()
+
+    def items(self, start: int = 0) -> Iterator[tuple[int, Record, list[int]]]:
+        """``(index, record, global id per box)`` from ``start`` on, streamed."""
+        b = self.block
+        cursor = IdBlock(b.dataset, b.lo, b.num_labeled, self.pseudo_start, b.label_map, b.id_spaces)
+        for i, rec in enumerate(self.spill.records()):
+            pids = global_ids_for(rec, cursor)
+            if i >= start:
+                yield i, rec, pids
 
     def plan_sha(self) -> str:
         """Digest of everything the shards of this split are made from; a
-        resume refuses to continue if the annotations changed meanwhile."""
-        h = hashlib.sha256()
-        for rec, pids in zip(self.records, self.pids):
-            row = [rec.key, asdict(rec.image), rec.boxes, pids, rec.ids, rec.ignore, rec.width,
-                   rec.height, rec.camera, rec.source, rec.task, rec.labeled]
-            h.update(json.dumps(row, default=str).encode())
-            h.update(b"\n")
-        return h.hexdigest()
+        resume refuses to continue if the annotations changed meanwhile.  The
+        records plus what fixes their global ids (block, label map, where this
+        split's pseudo ids start)."""
+        b = self.block
+        ids = hashlib.sha256(json.dumps([b.lo, b.num_labeled, self.pseudo_start,
+                                         sorted(b.label_map.items())]).encode()).hexdigest()
+        return hashlib.sha256(f"{self.records_sha}/{ids}".encode()).hexdigest()
 
 
 @dataclass
@@ -59,8 +92,12 @@ class DatasetPlan:
     def labeled(self) -> bool:
         """The format's LABELED, unless its records say otherwise (e.g.
         LUPerson-NL pids switched on with a format option)."""
-        flags = {r.labeled for sp in self.splits for r in sp.records}
+        flags = {f for sp in self.splits for f in sp.labeled_flags}
         return flags.pop() if len(flags) == 1 else bool(self.module.LABELED or flags)
+
+    def close(self) -> None:
+        for sp in self.splits:
+            sp.spill.close()
 
 
 # --------------------------------------------------------------------------- checks
@@ -141,12 +178,12 @@ def _parse_items(mod: ModuleType, name: str, root: Path, split: str, options: di
 
 
 def enumerate_split(
-    mod: ModuleType, name: str, root: Path, split: str, options: dict, strict: bool
+    mod: ModuleType, name: str, root: Path, split: str, options: dict, strict: bool, spill_dir: Path | None = None
 ) -> SplitPlan:
-    """Run one parser; records in parser order, skips/fixes counted.  Duplicate
-    keys (which would collide in the shards) are skipped as ``duplicate_key``."""
-    plan = SplitPlan(name, split)
-    seen: set[str] = set()
+    """Run one parser; records in parser order (spilled to disk), skips/fixes
+    counted.  Duplicate keys (which would collide in the shards) are skipped as
+    ``duplicate_key``."""
+    plan = SplitPlan(name, split, RecordSpill(spill_dir))
     for item in _parse_items(mod, name, root, split, options):
         if isinstance(item, Fix):
             plan.fixed[item.reason] += 1
@@ -159,8 +196,6 @@ def enumerate_split(
                 plan.skipped[reason] += 1
             if had_boxes and not item.boxes:
                 item = Skip(name, split, "no_person", item.source, "every box was dropped")
-        if isinstance(item, Record) and item.key in seen:
-            item = Skip(name, split, "duplicate_key", item.source, f"key {item.key!r} seen before")
         if isinstance(item, Skip):
             if strict:
                 raise StrictSkip(strict_message(name, split, item.reason, item.source, item.detail))
@@ -168,8 +203,11 @@ def enumerate_split(
             continue
         if not isinstance(item, Record):
             raise BuildError(f"{name}/{split}: parser yielded {type(item).__name__}, not Record/Skip/Fix")
-        seen.add(item.key)
-        plan.records.append(item)
+        plan.spill.append(item)
+    for dup in plan.spill.drop_duplicate_keys():
+        if strict:
+            raise StrictSkip(strict_message(name, split, "duplicate_key", dup.source, f"key {dup.key!r} seen before"))
+        plan.skipped["duplicate_key"] += 1
     return plan
 
 
@@ -188,9 +226,8 @@ def sampler_for() -> Callable[[list[str], int, int], list[str]]:
 
 
 def apply_limit(plan: SplitPlan, n: int, seed: int) -> None:
-    chosen = sampler_for()([r.key for r in plan.records], n, seed)
-    keep = set(chosen)
-    plan.records = [r for r in plan.records if r.key in keep]
+    keep = set(sampler_for()(list(plan.spill.keys()), n, seed))
+    plan.spill.keep_only(keep)
     plan.subset = {"n": n, "seed": seed, "keys": sorted(keep)}
 
 
@@ -217,27 +254,38 @@ def plan_dataset(name: str, domain: int, root: Path, splits, opts: BuildOptions,
         limit = opts.limits.get(name)
         chosen = None if limit is None else _fast_limit_keys(mod, root, split, options, limit, opts.seed)
         split_opts = options if chosen is None else {**options, "keys": chosen}
-        plan = enumerate_split(mod, name, root, split, split_opts, opts.strict)
+        plan = enumerate_split(mod, name, root, split, split_opts, opts.strict, Path(opts.out_dir))
         if limit is not None:
             apply_limit(plan, limit, opts.seed)
-        log(f"  {name}/{split}: {len(plan.records)} records"
+        plan.finalize(getattr(mod, "ID_SPACES", {}))
+        log(f"  {name}/{split}: {plan.n} records"
             + (f", parser skipped {sum(plan.skipped.values())}" if plan.skipped else ""))
         plans.append(plan)
     return DatasetPlan(name, domain, mod, Path(root), plans)
 
 
 def plan_build(opts: BuildOptions, splits: dict[str, tuple[str, ...]], log=print) -> tuple[list[DatasetPlan], int]:
-    """Enumerate every source and allocate the global id space."""
-    datasets = [plan_dataset(name, d, Path(root), splits[name], opts, log) for d, (name, root) in enumerate(opts.sources)]
-    blocks, pids, num_ids = assign_build(
-        [(ds.name, [r for sp in ds.splits for r in sp.records], getattr(ds.module, "ID_SPACES", {})) for ds in datasets]
-    )
-    for ds, block, ds_pids in zip(datasets, blocks, pids):
-        ds.block = block
-        it = iter(ds_pids)
-        for sp in ds.splits:
-            sp.pids = [next(it) for _ in sp.records]
-    return datasets, num_ids
+    """Enumerate every source and allocate the global id space (the same
+    blocks and ids as :func:`data_prep.identity.assign_build` on all records,
+    without holding them: each split's ids are drawn when it is streamed)."""
+    datasets: list[DatasetPlan] = []
+    nxt = 0
+    try:
+        for d, (name, root) in enumerate(opts.sources):
+            ds = plan_dataset(name, d, Path(root), splits[name], opts, log)
+            datasets.append(ds)
+            labels = sorted({l for sp in ds.splits for l in sp.labels})
+            ds.block = IdBlock(name, nxt, num_labeled=len(labels), label_map={l: nxt + k for k, l in enumerate(labels)},
+                               id_spaces=dict(getattr(ds.module, "ID_SPACES", {})))
+            for sp in ds.splits:
+                sp.block, sp.pseudo_start = ds.block, ds.block.num_pseudo
+                ds.block.num_pseudo += sp.pseudo
+            nxt = ds.block.hi
+    except BaseException:
+        for ds in datasets:
+            ds.close()
+        raise
+    return datasets, nxt
 
 
 def subset_file_name(dataset: DatasetPlan, split: str) -> str:

@@ -4,9 +4,10 @@ A shard is written to ``<name>.tar.tmp`` through webdataset's ``TarWriter``
 with fixed tar metadata (mtime, owner, mode), fsynced and renamed into
 place, so the same samples always give the same bytes and a killed build
 never leaves a truncated ``.tar``.  After each shard the journal
-(``<dataset>/progress.json``, written atomically) records the shard's
-sha256, size, sample count, the record range it covers and its counts, which
-is all a resume needs to continue exactly where the last good shard ended.
+(``<dataset>/progress.jsonl``, one line appended per shard) records the
+shard's sha256, size, sample count, the record range it covers and its
+counts, which is all a resume needs to continue exactly where the last good
+shard ended.
 """
 from __future__ import annotations
 
@@ -18,15 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from .files import TMP_SUFFIX, atomic_write_json, commit, sha256_file
+from .files import TMP_SUFFIX, atomic_write_bytes, commit, sha256_file
 
 # Fixed tar header fields: reproducible bytes regardless of when/who builds.
 TAR_MTIME = 0.0
 TAR_USER = "hybridps"
 TAR_MODE = 0o444
 USTAR_NAME_MAX = 100
-JOURNAL_NAME = "progress.json"
-JOURNAL_VERSION = 1
+JOURNAL_NAME = "progress.jsonl"
+LEGACY_JOURNAL_NAME = "progress.json"      # the rewritten-per-shard journal of version 1
+JOURNAL_VERSION = 2
 
 
 def shard_name(split: str, index: int) -> str:
@@ -189,12 +191,28 @@ class SplitProgress:
 
 
 class Journal:
-    """``<out>/<dataset>/progress.json``: finished shards per split."""
+    """``<out>/<dataset>/progress.jsonl``: finished shards per split.
 
-    def __init__(self, path: Path, fingerprint: str, splits: dict[str, SplitProgress] | None = None):
+    An append-only log of JSON lines, one per event, so a build of 4M records
+    (4000 shards) writes one short line per shard instead of rewriting a
+    journal that grows with every shard::
+
+        {"version": 2, "fingerprint": FP}                  first line
+        {"split": S, "plan": SHA, "keep": K}               (re)start S keeping its first K shards
+        {"split": S, "shard": {...ShardEntry}}             one finished shard
+        {"split": S, "done": true, "tail": {...} | null}   S complete
+
+    A line torn by a crash (no newline, or not JSON) ends the log: it and
+    anything after it are cut off before the next append.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, splits: dict[str, SplitProgress] | None = None,
+                 valid_bytes: int | None = None):
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.splits = splits or {}
+        self._valid_bytes = valid_bytes      # length of the usable log on disk; None: start a new one
+        self._fh = None
 
     @classmethod
     def load(cls, path: Path, fingerprint: str) -> "Journal":
@@ -203,17 +221,102 @@ class Journal:
 
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
-            if d.get("version") == JOURNAL_VERSION and d.get("fingerprint") == fingerprint:
-                return cls(path, fingerprint, {k: SplitProgress.from_dict(v) for k, v in d["splits"].items()})
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        return cls(path, fingerprint)
+            data = path.read_bytes()
+        except OSError:
+            return cls(path, fingerprint)
+        splits: dict[str, SplitProgress] = {}
+        good = 0
+        for n, line in enumerate(data.split(b"\n")[:-1]):   # the part after the last newline is torn
+            try:
+                d = json.loads(line)
+                if n == 0:
+                    if d.get("version") != JOURNAL_VERSION or d.get("fingerprint") != fingerprint:
+                        return cls(path, fingerprint)
+                else:
+                    cls._apply(splits, d)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                break
+            good += len(line) + 1
+        return cls(path, fingerprint, splits, good) if good else cls(path, fingerprint)
 
-    def save(self) -> None:
-        # A lost journal rename only costs redoing the last shard, so the
-        # directory fsync (a few ms per shard) is skipped here.
-        atomic_write_json(self.path, durable=False, obj={
-            "version": JOURNAL_VERSION, "fingerprint": self.fingerprint,
-            "splits": {k: v.to_dict() for k, v in self.splits.items()},
-        })
+    @staticmethod
+    def _apply(splits: dict[str, SplitProgress], d: dict) -> None:
+        split = d["split"]
+        if "plan" in d:
+            old = splits.get(split)
+            keep = old.shards[: int(d["keep"])] if old is not None and old.plan == d["plan"] else []
+            splits[split] = SplitProgress(d["plan"], keep)
+        elif "shard" in d:
+            splits[split].shards.append(ShardEntry.from_dict(d["shard"]))
+        elif d.get("done") is True:
+            splits[split].done = True
+            splits[split].tail = None if d.get("tail") is None else Counts.from_dict(d["tail"])
+        else:
+            raise ValueError("unknown journal line")
+
+    # ------------------------------------------------------------------ writing
+    def _append(self, obj: dict) -> None:
+        import json
+
+        if self._fh is None:
+            if self._valid_bytes is None:
+                header = json.dumps({"version": JOURNAL_VERSION, "fingerprint": self.fingerprint}) + "\n"
+                atomic_write_bytes(self.path, header.encode(), durable=False)
+                self._valid_bytes = len(header)
+            self._fh = open(self.path, "r+b")
+            self._fh.truncate(self._valid_bytes)     # drop a torn tail before appending after it
+            self._fh.seek(self._valid_bytes)
+        line = (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        self._fh.write(line)
+        self._fh.flush()
+        # fsynced like the shard it records; a lost line only costs redoing that shard
+        os.fsync(self._fh.fileno())
+        self._valid_bytes += len(line)
+
+    def start_split(self, split: str, plan: str, keep: int = 0) -> SplitProgress:
+        """(Re)start ``split`` from plan ``plan``, keeping its first ``keep`` shards."""
+        old = self.splits.get(split)
+        prog = SplitProgress(plan, old.shards[:keep] if old is not None and old.plan == plan else [])
+        self.splits[split] = prog
+        self._append({"split": split, "plan": plan, "keep": len(prog.shards)})
+        return prog
+
+    def add_shard(self, split: str, entry: ShardEntry) -> None:
+        self.splits[split].shards.append(entry)
+        self._append({"split": split, "shard": entry.to_dict()})
+
+    def split_done(self, split: str, tail: Counts | None) -> None:
+        prog = self.splits[split]
+        prog.done, prog.tail = True, tail
+        self._append({"split": split, "done": True, "tail": None if tail is None else tail.to_dict()})
+
+    def recorded_paths(self) -> list[str]:
+        return [s.path for sp in self.splits.values() for s in sp.shards]
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def journal_shard_paths(path: Path) -> list[str]:
+    """Every shard path a journal file names (whatever its fingerprint), for
+    ``--overwrite``'s clean-up; reads the old single-JSON journal too."""
+    import json
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return []
+    paths: list[str] = []
+    for line in data.splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(d, dict):
+            continue
+        shards = [d["shard"]] if isinstance(d.get("shard"), dict) else \
+            [s for sp in (d.get("splits") or {}).values() if isinstance(sp, dict) for s in sp.get("shards", [])]
+        paths += [s.get("path", "") for s in shards if isinstance(s, dict)]
+    return [p for p in paths if isinstance(p, str)]

@@ -236,14 +236,36 @@ def _image_entries(layout: Layout) -> list[_Entry]:
 
 
 def _lmdb_entries(layout: Layout, keys: list[str], pids: list[int] | None) -> list[_Entry]:
-    entries = []
     # one canonical path per LMDB: lmdb refuses a second handle to the same file
     lmdb_path = str(layout.data.resolve())
-    for i, k in enumerate(keys):
-        entries.append(_Entry(safe_key(k), (k,), ImageRef("lmdb", lmdb_path, k),
-                              f"{layout.data.relative_to(layout.root).as_posix() or '.'}:{k}",
-                              None if pids is None else pids[i]))
-    return entries
+    prefix = layout.data.relative_to(layout.root).as_posix() or "."
+    return [_Entry(safe_key(k), (k,), ImageRef("lmdb", lmdb_path, k), f"{prefix}:{k}",
+                   None if pids is None else pids[i]) for i, k in enumerate(keys)]
+
+
+def _sorted_lmdb_entries(layout: Layout, keys: list[str], pids: list[int] | None,
+                         split: str) -> tuple[Iterator[_Entry], list[Skip]]:
+    """The LMDB's entries in key order, duplicates skipped (first wins), made
+    one at a time: a 4M-crop copy holds its key list and an index, not 4M
+    entry objects (which cost ~2 KB each)."""
+    safe = []
+    for k in keys:
+        sk = safe_key(k)
+        safe.append(k if sk == k else sk)          # share the string when the key is already safe
+    order = sorted(range(len(safe)), key=safe.__getitem__)   # stable: the first of equal keys stays first
+    lmdb_path = str(layout.data.resolve())
+    prefix = layout.data.relative_to(layout.root).as_posix() or "."
+    dups = {order[j] for j in range(1, len(order)) if safe[order[j]] == safe[order[j - 1]]}
+    skips = [Skip(NAME, split, "duplicate_key", f"{prefix}:{keys[i]}", f"key {safe[i]!r} already used")
+             for i in order if i in dups] if dups else []
+
+    def entries() -> Iterator[_Entry]:
+        for i in order:
+            if i not in dups:
+                yield _Entry(safe[i], (keys[i],), ImageRef("lmdb", lmdb_path, keys[i]), f"{prefix}:{keys[i]}",
+                             None if pids is None else pids[i])
+
+    return entries(), skips
 
 
 def _resolve_name_list(layout: Layout, name_list) -> Path | None:
@@ -300,6 +322,12 @@ def _entries(root, split, name_list, keep_num, keys, use_nl_pids) -> tuple[Layou
         all_keys, pids = read_keys_pickle(layout.keys_file)
         if use_nl_pids and pids is None:
             raise ValueError(f"luperson: use_nl_pids=True but {layout.keys_file} has no 'pids' (not LUPerson-NL)")
+        if _resolve_name_list(layout, name_list) is None and keep_num is None:
+            entries, skips = _sorted_lmdb_entries(layout, all_keys, pids, split)
+            if keys is not None:
+                entries, key_skips = _restrict(entries, keys, split)
+                skips += key_skips
+            return layout, entries, skips
         entries = _lmdb_entries(layout, all_keys, pids)
     else:
         if use_nl_pids:
