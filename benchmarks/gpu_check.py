@@ -44,21 +44,21 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from train_step import synthetic_view  # noqa: E402
-
-from pretrain.hybrid import HybridConfig, HybridModel  # noqa: E402
-from pretrain.model import ModelConfig  # noqa: E402
-
 SOURCES = ("crowdhuman", "msmt17")       # one detection and one re-ID set: both IAMs have 2 domains
 
 
 # --------------------------------------------------------------------------- settings
 def settings(args) -> dict:
     if args.dry_run_cpu:
-        return dict(device="cpu", dtype=torch.bfloat16, mm_n=256, mm_reps=3, backbone="resnet18", size=(96, 128),
-                    batch=1, steps=2, warmup=1, max_batch=2, world="tiny", loader_batches=4, workers=0,
-                    pre_steps=2, ft_steps=2)
+        # tiny_config's RPN/RoI sizes: the RoI head (layer4 on every sampled RoI) dominates otherwise
+        # fp32 without autocast: CPU bf16 autocast is slow and not the code the GPU runs anyway
+        return dict(device="cpu", dtype=torch.float32, mm_n=256, mm_reps=3, backbone="resnet18", size=(96, 128),
+                    model=dict(anchor_sizes=[16, 32, 64], rpn_pre_nms_train=300, rpn_post_nms_train=64,
+                               rpn_batch_size=64, roi_batch_size=8, roi_output_size=7, cq_size=64),
+                    batch=1, steps=1, warmup=0, max_batch=2, world="tiny", loader_batches=2, workers=0,
+                    pre_steps=1, ft_steps=1)
     return dict(device="cuda", dtype=torch.bfloat16, mm_n=8192, mm_reps=20, backbone="resnet50", size=(900, 1500),
+                model={},
                 batch=args.batch, steps=args.steps, warmup=2, max_batch=args.max_batch, world="small",
                 loader_batches=args.loader_batches, workers=args.workers, pre_steps=args.pretrain_steps,
                 ft_steps=args.finetune_steps)
@@ -91,21 +91,28 @@ class HybridBench:
     """A ResNet hybrid model, an SGD optimizer and synthetic two-view batches of any size."""
 
     def __init__(self, s: dict, device: torch.device) -> None:
+        from pretrain.hybrid import HybridConfig, HybridModel
+        from pretrain.model import ModelConfig
+
         h, w = s["size"]
         self.s, self.device, self.h, self.w = s, device, h, w
-        cfg = ModelConfig(backbone=s["backbone"], min_size=h, max_size=w, num_pids=5532, cq_size=5000)
+        cfg = ModelConfig(**{"backbone": s["backbone"], "min_size": h, "max_size": w, "num_pids": 5532,
+                             "cq_size": 5000, **s["model"]})
         torch.manual_seed(0)
         self.model = HybridModel(cfg, HybridConfig(num_domains=2)).to(device).train()
         self.opt = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
     def batch(self, n: int) -> dict:
+        from train_step import synthetic_view
+
         domain = torch.arange(n) % 2
         return {"view1": synthetic_view(n, self.h, self.w, 0, self.device),
                 "view2": synthetic_view(n, self.h, self.w, 1, self.device),
                 "domain": domain.to(self.device), "labeled": domain == 0}
 
     def step(self, batch: dict) -> None:
-        with torch.autocast(device_type=self.device.type, dtype=self.s["dtype"]):
+        with torch.autocast(device_type=self.device.type, dtype=self.s["dtype"],
+                            enabled=self.s["dtype"] != torch.float32):
             loss = self.model(batch)["loss"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -144,6 +151,7 @@ def hybrid_step(bench: HybridBench, s: dict, peak_tflops: float) -> dict:
     t = statistics.median(times)
     achieved = flops / t / 1e12
     return {"batch": s["batch"], "image": list(s["size"]), "backbone": s["backbone"], "step_s": t,
+            "dtype": str(s["dtype"]).replace("torch.", ""),
             "step_s_all": [round(v, 4) for v in times], "gflop_per_step": flops / 1e9, "tflops": achieved,
             "mfu": achieved / peak_tflops if peak_tflops > 0 else None, "peak_mem_gib": peak}
 
@@ -246,7 +254,7 @@ def table(r: dict) -> str:
         rows.append((f"{mm['dtype']} matmul peak ({mm['n']}^3)", f"{mm['tflops']:.1f} TFLOP/s"))
     h = r.get("hybrid_step")
     if h:
-        rows += [(f"hybrid step {h['backbone']} {h['image'][0]}x{h['image'][1]} bf16, batch {h['batch']}/GPU",
+        rows += [(f"hybrid step {h['backbone']} {h['image'][0]}x{h['image'][1]} {h['dtype']}, batch {h['batch']}/GPU",
                   f"{h['step_s'] * 1e3:.1f} ms"),
                  ("  FLOPs per step (FlopCounterMode)", f"{h['gflop_per_step']:.1f} GFLOP"),
                  ("  achieved", f"{h['tflops']:.2f} TFLOP/s"),
