@@ -55,7 +55,7 @@ def settings(args) -> dict:
         return dict(device="cpu", dtype=torch.float32, mm_n=256, mm_reps=3, backbone="resnet18", size=(96, 128),
                     model=dict(anchor_sizes=[16, 32, 64], rpn_pre_nms_train=300, rpn_post_nms_train=64,
                                rpn_batch_size=64, roi_batch_size=8, roi_output_size=7, cq_size=64),
-                    batch=1, steps=1, warmup=0, max_batch=2, world="tiny", loader_batches=2, workers=0,
+                    batch=1, steps=1, warmup=0, max_batch=2, world="tiny", loader_batches=2, workers=1,
                     pre_steps=1, ft_steps=1)
     return dict(device="cuda", dtype=torch.bfloat16, mm_n=8192, mm_reps=20, backbone="resnet50", size=(900, 1500),
                 model={},
@@ -205,8 +205,10 @@ def loader_speed(s: dict, shards: Path) -> dict:
     from pretrain.data import PretrainLoader, open_source
     from pretrain.train import resolve_for_data
 
-    config = ROOT / "pretrain" / "configs" / ("tiny.yaml" if s["device"] == "cpu" else "paper.yaml")
-    cfg = load_config(config, [f"data.shards={shards}", f"data.num_workers={s['workers']}"])
+    # paper.yaml's data settings (canvases, augmentation, batch 4); its weights name the five
+    # paper datasets, the check's build has two: every dataset of the build once per epoch.
+    config = ROOT / "pretrain" / "configs" / "paper.yaml"
+    cfg = load_config(config, [f"data.shards={shards}", f"data.num_workers={s['workers']}", "data.weights=null"])
     source = open_source(cfg.data.shards)
     cfg = resolve_for_data(cfg, source)
     it = iter(PretrainLoader(source, cfg.data, ViewParams.from_config(cfg.data, cfg.model), seed=0))
