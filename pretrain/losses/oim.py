@@ -21,6 +21,8 @@ distinct LUT rows drawn uniformly at random up to ``sample`` rows in all (and th
 so the logits are n x (sample + Q) instead of n x (N + Q).  The draw is O(sample log sample)
 (no O(N) permutation), seeded by (seed, rank, call number); with ``sample >= N`` every row is
 scored and the loss equals the full OIM.  The table update is the same as the full OIM's.
+The call counter is not part of the state dict (the keys stay those of the full OIM), so a
+resumed run restarts the draw sequence.
 """
 from __future__ import annotations
 
