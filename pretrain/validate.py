@@ -98,7 +98,7 @@ RULES: dict[str, Check] = {
     "model.roi_sampling_ratio": rng(-1),   # <= 0: torchvision's adaptive sampling
     "model.ignore_ioa": UNIT, "model.box_coder_weights": each(POS, 4),
     "model.emb_dim": rng(2), "model.num_pids": IPOS, "model.cq_size": INONNEG,
-    "model.oim_momentum": UNIT, "model.oim_scalar": POS,
+    "model.oim_momentum": UNIT, "model.oim_scalar": POS, "model.oim_sample": INONNEG,
     "model.lut_dtype": choice("float32", "bfloat16", "float16"),
     "model.box_loss_beta": NONNEG,          # smooth-L1 beta; 0 = plain L1
     "model.score_thresh": UNIT, "model.nms_thresh": UNIT, "model.detections_per_img": IPOS,

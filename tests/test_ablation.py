@@ -28,10 +28,11 @@ def test_quick_mode_rows_and_full_mode_covers_the_paper_analogues():
     quick = {r.name for r in ablation.rows(True)}
     assert quick == {"random", "backbone", "full", "no_iam", "no_con"}
     full = {r.name for r in ablation.rows(False)}
-    for name in ("inter_task", "random_paste", "oim_two_view", "2ds", "2ds_no_iam", "gap2.5", "gap2.5_no_iam",
+    for name in ("inter_task", "random_paste", "oim_two_view", "oim_sampled", "2ds", "2ds_no_iam", "gap2.5", "gap2.5_no_iam",
                  "random@10%", "full@10%", "random@30%", "full@30%", "random@60%", "full@60%"):
         assert name in full
     assert {r.pretrain for r in ablation.rows(False)} - {None} <= set(ablation.PRETRAINS)
+    assert ("oim_sampled", "full") in {(a, b) for a, b, _ in ablation.comparisons(full)}
 
 
 def _run(out: Path) -> dict:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pretrain.losses.iam import (InterTaskAlignment, IntraTaskAlignment, consistency_loss, domain_ce,
                                  grad_reverse)
-from pretrain.losses.oim import OIMLoss, occurrence_index
+from pretrain.losses.oim import OIMLoss, occurrence_index, sample_columns
 from pretrain.losses.simsiam import PredictionMLP, negative_cosine, output_std, simsiam_loss
 
 
@@ -118,6 +118,103 @@ def test_occurrence_index():
     assert occurrence_index(torch.tensor([5, 2, 5, 5, 2, 9])).tolist() == [0, 0, 1, 2, 1, 0]
 
 
+
+# ------------------------------------------------------------------------------- sampled OIM
+def test_sampled_oim_hand_value_on_a_tiny_table():
+    # 4 ids, sample 2: the positive id 1 plus one random other row, and the whole queue.
+    oim = OIMLoss(dim=2, num_pids=4, cq_size=2, scalar=10.0, sample=2, sample_seed=3)
+    oim.lut.copy_(torch.stack([unit(1, 0), unit(0, 1), unit(1, 1), unit(-1, 1)]))
+    oim.cq.copy_(torch.stack([unit(-1, 0), unit(0, -1)]))
+    x = torch.stack([unit(1, 0), unit(3, 4)]).requires_grad_(True)
+    loss = oim(x, torch.tensor([1, -1]))
+    cols = oim.last_columns.tolist()
+    assert len(cols) == 2 and 1 in cols and cols == sorted(cols)
+    lut_cos = {0: 1.0, 1: 0.0, 2: math.sqrt(0.5), 3: -math.sqrt(0.5)}      # x0 = (1,0) against each row
+    logits = [10 * lut_cos[c] for c in cols] + [10 * -1.0, 10 * 0.0]      # + queue (-1,0), (0,-1)
+    expected = -(10 * lut_cos[1] - math.log(sum(math.exp(v) for v in logits)))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert torch.allclose(oim.lut[1], unit(0.5, 0.5), atol=1e-6)     # the update is the full OIM's
+    assert int(oim.header_cq) == 1
+
+
+def test_sample_columns_deterministic_distinct_and_uniform():
+    pos = torch.tensor([5, 17, 900])
+
+    def draw(seed, size=50, n=1000):
+        return sample_columns(pos, n, size, torch.Generator().manual_seed(seed))
+
+    a, b, c = draw(0), draw(0), draw(1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.numel() == 50 and torch.unique(a).numel() == 50 and torch.equal(a, torch.sort(a).values)
+    assert all(int(p) in a.tolist() for p in pos)
+    assert int(a.min()) >= 0 and int(a.max()) < 1000
+    # dense branch (more than half of the other rows wanted) and the cap at num_pids
+    dense = [sample_columns(torch.tensor([1, 4]), 10, 8, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert torch.equal(dense[0], dense[1]) and not torch.equal(dense[0], dense[2])
+    assert dense[0].numel() == 8 and torch.unique(dense[0]).numel() == 8 and {1, 4} <= set(dense[0].tolist())
+    assert torch.equal(sample_columns(torch.tensor([2]), 6, 99, torch.Generator()), torch.arange(6))
+    # more positives than the sample size: all positives, nothing else
+    assert torch.equal(sample_columns(pos, 1000, 2, torch.Generator()), pos)
+    # every negative row is drawn about equally often (uniform without replacement)
+    hits = torch.zeros(40)
+    for s in range(400):
+        hits[sample_columns(torch.tensor([0]), 40, 6, torch.Generator().manual_seed(s))] += 1
+    assert hits[0] == 400
+    expected = 400 * 5 / 39
+    assert float((hits[1:] - expected).abs().max()) < 0.5 * expected
+
+
+def test_sampled_oim_deterministic_for_a_seed():
+    def run(seed):
+        torch.manual_seed(seed)             # sample_seed None: the run's seed
+        oim = OIMLoss(dim=8, num_pids=200, cq_size=5, sample=20)
+        oim.lut.copy_(F.normalize(torch.randn(200, 8, generator=torch.Generator().manual_seed(9)), dim=1))
+        g = torch.Generator().manual_seed(4)
+        out = []
+        for _ in range(3):
+            x = F.normalize(torch.randn(6, 8, generator=g), dim=1).requires_grad_(True)
+            loss = oim(x, torch.tensor([3, 50, -1, 3, 199, -1]))
+            loss.backward()
+            out.append((loss.item(), oim.last_columns.clone(), x.grad.clone()))
+        return out, oim.lut.clone()
+
+    (a, lut_a), (b, lut_b), (c, _) = run(0), run(0), run(1)
+    for (la, ca, ga), (lb, cb, gb) in zip(a, b):
+        assert la == lb and torch.equal(ca, cb) and torch.equal(ga, gb)
+    assert torch.equal(lut_a, lut_b)
+    assert not torch.equal(a[0][1], a[1][1])          # a new draw every call
+    assert any(not torch.equal(x[1], y[1]) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("with_positive", [False, True])
+def test_sampled_oim_with_sample_at_least_n_equals_full(with_positive):
+    g = torch.Generator().manual_seed(0)
+    lut = F.normalize(torch.randn(12, 6, generator=g), dim=1)
+    cq = F.normalize(torch.randn(4, 6, generator=g), dim=1)
+    full, sampled = OIMLoss(6, 12, 4), OIMLoss(6, 12, 4, sample=12, sample_seed=0)
+    for o in (full, sampled):
+        o.lut.copy_(lut)
+        o.cq.copy_(cq)
+    for step in range(3):
+        x = F.normalize(torch.randn(7, 6, generator=g), dim=1)
+        labels = torch.tensor([0, 11, -1, 5, 5, -1, 2])
+        pos = (F.normalize(torch.randn(7, 6, generator=g), dim=1), torch.tensor([1, 0, 0, 1, 0, 0, 1]).bool())
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        la = full(xa, labels, pos if with_positive else None)
+        lb = sampled(xb, labels, pos if with_positive else None)
+        la.backward()
+        lb.backward()
+        assert lb.item() == pytest.approx(la.item(), rel=1e-5)
+        assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
+        assert torch.allclose(full.lut, sampled.lut, atol=1e-6) and torch.equal(full.cq, sampled.cq)
+        assert torch.equal(sampled.last_columns, torch.arange(12))
+
+
+def test_sampled_oim_rejects_negative_sample():
+    with pytest.raises(ValueError, match="sample"):
+        OIMLoss(4, 10, 2, sample=-1)
+
 # ---------------------------------------------------------------------------- 2-process OIM sync
 def _free_port() -> int:
     with socket.socket() as s:
@@ -163,6 +260,7 @@ def _oim_worker(rank: int, port: int, out_dir: str) -> None:
     real_new_group = dist.new_group
     dist.new_group = lambda *a, **k: created.append(1) or real_new_group(*a, **k)
     oim = OIMLoss(dim=4, num_pids=6, cq_size=3)
+    sampled = OIMLoss(dim=4, num_pids=6, cq_size=3, sample=2, sample_seed=7)   # partial-FC option
     losses = []
     for step in range(2):
         x, labels = _rank_data(rank, step)
@@ -170,6 +268,8 @@ def _oim_worker(rank: int, port: int, out_dir: str) -> None:
         loss = oim(x, labels)
         loss.backward()
         losses.append(loss.item())
+        xs = x.detach().clone().requires_grad_(True)
+        sampled(xs, labels).backward()
     # the same inside DDP: table gathers in backward next to DDP's gradient all-reduce
     torch.manual_seed(0)
     tiny = _TinyReid()
@@ -183,6 +283,7 @@ def _oim_worker(rank: int, port: int, out_dir: str) -> None:
     dist.new_group = real_new_group
     torch.save({"world": dist.get_world_size(), "refused_before_setup": refused, "groups_after_setup": len(created),
                 "lut": oim.lut, "cq": oim.cq, "header": oim.header_cq,
+                "sampled_lut": sampled.lut, "sampled_cq": sampled.cq,
                 "losses": losses, "ddp_lut": tiny.oim.lut, "ddp_weight": tiny.proj.weight.detach()},
                os.path.join(out_dir, f"rank{rank}.pt"))
     del ddp, opt          # DDP freed while its group lives (freed after destroy it can abort at exit)
@@ -214,6 +315,9 @@ def test_oim_tables_identical_across_two_processes(tmp_path):
         xs, ls = zip(*(_rank_data(rank, step) for rank in (0, 1)))
         ref.update(torch.cat(xs), torch.cat(ls))
     assert torch.allclose(r0["lut"], ref.lut, atol=1e-6) and torch.allclose(r0["cq"], ref.cq, atol=1e-6)
+    # the sampled option changes the logits only: its tables follow the same synced update
+    assert torch.equal(r0["sampled_lut"], r1["sampled_lut"]) and torch.equal(r0["sampled_cq"], r1["sampled_cq"])
+    assert torch.allclose(r0["sampled_lut"], ref.lut, atol=1e-6) and torch.allclose(r0["sampled_cq"], ref.cq, atol=1e-6)
     assert r0["lut"][1].norm().item() == pytest.approx(1.0, rel=1e-5)
 
 

@@ -134,6 +134,19 @@ def test_zero_box_images_train():
     assert [g.shape[0] for g in feats["gt_emb_raw"]] == [0, 0]
 
 
+def test_sampled_oim_option_reaches_the_model_and_trains():
+    model = build_search_model(tiny_config(oim_sample=4))
+    assert model.roi_heads.reid_loss.sample == 4
+    images, targets = tiny_batch()
+    losses = model(images, targets)
+    assert torch.isfinite(losses["loss_reid"]) and losses["loss_reid"].item() > 0
+    sum(losses.values()).backward()
+    cols = model.roi_heads.reid_loss.last_columns
+    assert cols is not None and cols.numel() == 4         # 16 ids in the tiny config, 4 scored
+    with pytest.raises(ValueError, match="oim_sample"):
+        tiny_config(oim_sample=-1)
+
+
 def test_outputs_do_not_mutate_caller_targets():
     model = build_search_model(tiny_config(min_size=192, max_size=256))
     images, targets = tiny_batch()

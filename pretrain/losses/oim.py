@@ -14,6 +14,15 @@ update uses the features and labels of every rank (all_gather, rank order), so t
 queue header stay identical on every rank; the loss itself uses the local features only.
 Callers must therefore run backward through every OIM call on every rank (the model always
 calls it, with zero rows if need be).
+
+``sample`` > 0 (``model.oim_sample``) switches to a partial-FC style approximation whose cost
+barely depends on the number of identities N: each call scores the batch's own identities plus
+distinct LUT rows drawn uniformly at random up to ``sample`` rows in all (and the whole queue),
+so the logits are n x (sample + Q) instead of n x (N + Q).  The draw is O(sample log sample)
+(no O(N) permutation), seeded by (seed, rank, call number); with ``sample >= N`` every row is
+scored and the loss equals the full OIM.  The table update is the same as the full OIM's.
+The call counter is not part of the state dict (the keys stay those of the full OIM), so a
+resumed run restarts the draw sequence.
 """
 from __future__ import annotations
 
@@ -122,6 +131,58 @@ class _Match(torch.autograd.Function):
         return grad_x, None, None
 
 
+def sample_columns(positives: torch.Tensor, num_pids: int, size: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Sorted LUT rows to score: every row of ``positives`` (unique, CPU) plus distinct rows
+    drawn uniformly without replacement from the others, ``max(size, len(positives))`` in all
+    (capped at ``num_pids``).  Cost O(size log size) unless more than half of the other rows
+    are wanted, where one permutation of them (O(N)) is as cheap."""
+    positives = positives.to(torch.long)
+    want = min(size, num_pids) - positives.numel()
+    if want <= 0:
+        return torch.sort(positives).values
+    free = num_pids - positives.numel()
+    if 2 * want > free:
+        mask = torch.ones(num_pids, dtype=torch.bool)
+        mask[positives] = False
+        others = torch.nonzero(mask).squeeze(1)
+        negatives = others[torch.randperm(free, generator=generator)[:want]]
+    else:
+        # The first `want` distinct non-positive values of an i.i.d. uniform sequence are a
+        # uniform random subset; 2*want draws leave at least half of the others unpicked, so
+        # one round nearly always suffices.
+        negatives = torch.empty(0, dtype=torch.long)
+        while negatives.numel() < want:
+            draw = torch.randint(num_pids, (2 * want,), generator=generator)
+            cand = torch.cat([negatives, draw])
+            cand = cand[occurrence_index(cand) == 0]
+            negatives = cand[~torch.isin(cand, positives)][:want]
+    return torch.sort(torch.cat([positives, negatives])).values
+
+
+class _SampledMatch(torch.autograd.Function):
+    """x -> x_known W^T for a gathered bank W = [LUT[cols]; CQ] (fp32), table update in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor, oim: "OIMLoss") -> torch.Tensor:
+        ctx.oim = oim
+        ctx.save_for_backward(x, labels, bank)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return x[labels >= 0].float() @ bank.t()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, labels, bank = ctx.saved_tensors
+        oim: OIMLoss = ctx.oim
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.zeros_like(x)
+            with torch.autocast(device_type=grad.device.type, enabled=False):
+                grad_x[labels >= 0] = (grad.float() @ bank).to(x.dtype)
+        oim.update(x.detach(), labels)
+        return grad_x, None, None, None
+
+
 class OIMLoss(nn.Module):
     """OIM loss module; buffers ``lut`` [num_pids,D], ``cq`` [cq_size,D], ``header_cq`` (int64).
 
@@ -131,12 +192,20 @@ class OIMLoss(nn.Module):
     """
 
     def __init__(self, dim: int, num_pids: int, cq_size: int, momentum: float = 0.5,
-                 scalar: float = 30.0, lut_dtype: str = "float32", chunk: int = 65536) -> None:
+                 scalar: float = 30.0, lut_dtype: str = "float32", chunk: int = 65536,
+                 sample: int = 0, sample_seed: int | None = None) -> None:
         super().__init__()
         if lut_dtype not in DTYPES:
             raise ValueError(f"lut_dtype must be one of {sorted(DTYPES)}, got {lut_dtype!r}")
+        if sample < 0:
+            raise ValueError(f"sample must be >= 0 (0 = full OIM), got {sample}")
         self.dim, self.num_pids, self.cq_size = dim, num_pids, cq_size
         self.momentum, self.scalar, self.chunk = momentum, scalar, chunk
+        # sample_seed None: torch.initial_seed() at the first call, i.e. the run's seed
+        # (set_seed before the model is built), without consuming the global RNG stream.
+        self.sample, self.sample_seed = sample, sample_seed
+        self.sample_calls = 0
+        self.last_columns: torch.Tensor | None = None   # the LUT rows of the last sampled call
         self.register_buffer("lut", torch.zeros(num_pids, dim, dtype=DTYPES[lut_dtype]))
         self.register_buffer("cq", torch.zeros(cq_size, dim, dtype=DTYPES[lut_dtype]))
         self.register_buffer("header_cq", torch.zeros((), dtype=torch.long))
@@ -188,10 +257,14 @@ class OIMLoss(nn.Module):
         if labels.numel() and (int(labels.max()) >= self.num_pids or int(labels.min()) < -1):
             raise ValueError(f"OIM labels must lie in [-1, {self.num_pids - 1}] (num_pids={self.num_pids}), "
                              f"got min {int(labels.min())} max {int(labels.max())}")
-        logits = _Match.apply(x, labels, self)     # [n_labelled, N+Q] cosine similarities
+        known = labels >= 0
+        targets = labels[known]
+        if self.sample > 0:
+            logits, targets = self._sampled_logits(x, labels, targets)   # [n_labelled, S+Q]
+        else:
+            logits = _Match.apply(x, labels, self)     # [n_labelled, N+Q] cosine similarities
         if logits.shape[0] == 0:
             return logits.sum() * 0.0
-        known = labels >= 0
         if positive is not None:
             vectors, mask = positive
             sel = mask.to(x.device).bool()[known]
@@ -199,8 +272,24 @@ class OIMLoss(nn.Module):
                 rows = torch.nonzero(sel, as_tuple=True)[0]
                 target = F.normalize(vectors[known][rows].detach().float(), dim=1)
                 values = (x[known][rows].float() * target).sum(dim=1).to(logits.dtype)
-                logits = logits.index_put((rows, labels[known][rows]), values)
-        return F.cross_entropy(logits * self.scalar, labels[known])
+                logits = logits.index_put((rows, targets[rows]), values)
+        return F.cross_entropy(logits * self.scalar, targets)
+
+    def _sampled_logits(self, x: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits over [LUT[cols]; CQ] and the targets as column positions (see module doc)."""
+        if self.sample_seed is None:
+            self.sample_seed = torch.initial_seed()
+        seed = self.sample_seed
+        rank = dist.get_rank() if _world_size() > 1 else 0
+        gen = torch.Generator().manual_seed(hash((seed, rank, self.sample_calls)) & (2 ** 63 - 1))
+        self.sample_calls += 1
+        positives = torch.unique(targets).cpu()
+        cols = sample_columns(positives, self.num_pids, self.sample, gen).to(x.device)
+        self.last_columns = cols
+        bank = torch.cat([self.lut[cols].float(), self.cq.float()])
+        logits = _SampledMatch.apply(x, labels, bank, self)
+        return logits, torch.searchsorted(cols, targets)
 
     # ------------------------------------------------------------------ table update
     @torch.no_grad()
@@ -235,4 +324,5 @@ class OIMLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_pids={self.num_pids}, cq_size={self.cq_size}, "
-                f"momentum={self.momentum}, scalar={self.scalar}, lut_dtype={self.lut.dtype}")
+                f"momentum={self.momentum}, scalar={self.scalar}, lut_dtype={self.lut.dtype}, "
+                f"sample={self.sample or 'all'}")

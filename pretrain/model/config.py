@@ -55,6 +55,7 @@ class ModelConfig:
     oim_momentum: float = 0.5
     oim_scalar: float = 30.0
     lut_dtype: str = "float32"
+    oim_sample: int = 0                   # > 0: score the batch's ids + random LUT rows, this many in all
     # inference
     score_thresh: float = 0.5
     nms_thresh: float = 0.4
@@ -73,6 +74,8 @@ class ModelConfig:
             raise ValueError(f"model.lut_dtype must be one of {LUT_DTYPES}, got {self.lut_dtype!r}")
         if self.emb_dim % 2:
             raise ValueError(f"model.emb_dim must be even (split between res4 and res5), got {self.emb_dim}")
+        if self.oim_sample < 0:
+            raise ValueError(f"model.oim_sample must be >= 0 (0 = the full OIM), got {self.oim_sample}")
         if self.num_pids < 1 or self.cq_size < 0:
             raise ValueError(f"model.num_pids must be >= 1 and cq_size >= 0, got {self.num_pids}/{self.cq_size}")
         if not self.anchor_sizes or not self.aspect_ratios:

@@ -51,7 +51,7 @@ class NAERoIHeads(nn.Module):
         self.box_predictor = BNBoxRegressor(c5)
         self.embedding_head = NormAwareEmbedding({"feat_res4": c4, "feat_res5": c5}, cfg.emb_dim)
         self.reid_loss = OIMLoss(cfg.emb_dim, cfg.num_pids, cfg.cq_size, cfg.oim_momentum,
-                                 cfg.oim_scalar, cfg.lut_dtype)
+                                 cfg.oim_scalar, cfg.lut_dtype, sample=cfg.oim_sample)
         self.matcher = det_utils.Matcher(cfg.roi_fg_iou, cfg.roi_bg_iou, allow_low_quality_matches=False)
         self.sampler = det_utils.BalancedPositiveNegativeSampler(cfg.roi_batch_size, cfg.roi_pos_fraction)
         self.box_coder = det_utils.BoxCoder(tuple(cfg.box_coder_weights))
