@@ -42,6 +42,7 @@ OUR_LOGGERS = ("data_prep", "pretrain", "finetune", "checkpoints", "hybridps", "
 _PROGRESS = "hybridps_progress"     # LogRecord attribute: a periodic progress line
 _FILE_ONLY = "hybridps_file_only"   # LogRecord attribute: already shown on stderr by other means
 _bars_drawn = 0                     # live tqdm bars: progress lines stay off stderr meanwhile
+_active: list["RunLog"] = []        # the commands running (innermost last)
 
 log = logging.getLogger(__name__)
 
@@ -241,14 +242,28 @@ def cli_logging(prog: str) -> Iterator[RunLog]:
     level = root.level
     root.addHandler(run.stderr)
     root.setLevel(logging.INFO)
+    _active.append(run)
     try:
         yield run
     finally:
+        _active.remove(run)
         root.removeHandler(run.stderr)
         if run.file is not None:
             root.removeHandler(run.file)
             run.file.close()
         root.setLevel(level)
+
+
+def log_to_folder(folder: str | Path) -> Path | None:
+    """``<folder>/log.txt`` for the running command (no-op outside :func:`cli_logging`,
+    on other ranks, or when the command already writes one)."""
+    return _active[-1].to_folder(folder) if _active else None
+
+
+def result(text: str) -> None:
+    """A command's result (a table, the run directory): stdout, and ``log.txt``."""
+    print(text, flush=True)
+    logging.getLogger("hybridps").info("%s", text, extra={_FILE_ONLY: True})
 
 
 # --------------------------------------------------------------------------- progress

@@ -311,7 +311,7 @@ def test_accelerate_launch_two_processes(prw, tmp_path):
            "--max-steps", "2", *FAST]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2 process(es), DistributedType.MULTI_CPU" in proc.stdout
+    assert "2 process(es), DistributedType.MULTI_CPU" in proc.stderr      # the log: stderr
     records, _ = load_train_records("prw", root)
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     # each rank sees half the images: an epoch is ceil(n / 2 / batch) steps
