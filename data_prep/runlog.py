@@ -203,8 +203,9 @@ class _PrefixFormatter(logging.Formatter):
 class RunLog:
     """The handlers of one command; :meth:`to_folder` adds ``log.txt``."""
 
-    def __init__(self, prog: str, main: bool) -> None:
+    def __init__(self, prog: str, main: bool, argv: list[str] | None = None) -> None:
         self.prog, self.main = prog, main
+        self.argv = list(sys.argv[1:] if argv is None else argv)
         self.folder: Path | None = None
         self.stderr = _StderrHandler(logging.INFO)
         self.stderr.setFormatter(_PrefixFormatter(prog))
@@ -224,8 +225,7 @@ class RunLog:
         handler.addFilter(_Filter(to_stderr=False, main=True))
         logging.getLogger().addHandler(handler)
         self.file, self.folder = handler, folder
-        logging.getLogger("hybridps").info("%s: %s", self.prog, " ".join(sys.argv[1:]) or "(in-process call)",
-                                           extra={_FILE_ONLY: True})
+        logging.getLogger("hybridps").info("%s %s", self.prog, " ".join(self.argv), extra={_FILE_ONLY: True})
         return folder / LOG_NAME
 
     def file_only(self, level: int, msg: str) -> None:
@@ -235,10 +235,11 @@ class RunLog:
 
 
 @contextlib.contextmanager
-def cli_logging(prog: str) -> Iterator[RunLog]:
-    """Route our log records to stderr (and later ``log.txt``) while a command runs."""
+def cli_logging(prog: str, argv: list[str] | None = None) -> Iterator[RunLog]:
+    """Route our log records to stderr (and later ``log.txt``) while a command runs;
+    ``argv`` (default ``sys.argv[1:]``) heads the command's part of ``log.txt``."""
     root = logging.getLogger()
-    run = RunLog(prog, is_main_process())
+    run = RunLog(prog, is_main_process(), argv)
     level = root.level
     root.addHandler(run.stderr)
     root.setLevel(logging.INFO)

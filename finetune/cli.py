@@ -461,7 +461,12 @@ def save_run(out: Path, model, cfg: FinetuneConfig, args, lab, subset, outcome, 
 # --------------------------------------------------------------------------- entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with cli_logging(PROG) as run:
+    resume = getattr(args, "resume", None)
+    if resume and "=" in resume and not os.path.exists(resume):
+        # `--resume key=value`: argparse gave the first override to --resume's optional value
+        args.overrides.insert(0, resume)
+        args.resume = "latest"
+    with cli_logging(PROG, argv) as run:
         return _main(args, run)
 
 

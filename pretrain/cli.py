@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.verify_shards:
         overrides.append("data.verify_shards=true")
-    with cli_logging(PROG) as run:
+    with cli_logging(PROG, argv) as run:
         code, out = _run(args, overrides, run)
     if code == EXIT_OK:
         print(f"run directory: {out}")
