@@ -228,11 +228,6 @@ class RunLog:
         logging.getLogger("hybridps").info("%s %s", self.prog, " ".join(self.argv), extra={_FILE_ONLY: True})
         return folder / LOG_NAME
 
-    def file_only(self, level: int, msg: str) -> None:
-        """A line for ``log.txt`` that the command already showed on stderr
-        (its final one-line error)."""
-        logging.getLogger("hybridps").log(level, "%s", msg, extra={_FILE_ONLY: True})
-
 
 @contextlib.contextmanager
 def cli_logging(prog: str, argv: list[str] | None = None) -> Iterator[RunLog]:
@@ -261,6 +256,12 @@ def log_to_folder(folder: str | Path) -> Path | None:
     return _active[-1].to_folder(folder) if _active else None
 
 
+def final_error(line: str) -> None:
+    """A command's one-line error: stderr, and ``log.txt`` when the command writes one."""
+    print(line, file=sys.stderr, flush=True)
+    logging.getLogger("hybridps").error("%s", line, extra={_FILE_ONLY: True})
+
+
 def result(text: str) -> None:
     """A command's result (a table, the run directory): stdout, and ``log.txt``."""
     print(text, flush=True)
@@ -275,12 +276,14 @@ class Progress:
     the count.  A plain line goes out on the first update, then every
     :func:`log_interval` seconds, and at :meth:`close` if the count moved
     since.  ``bar=False`` never draws a bar (and logs the lines to stderr);
-    ``memory=True`` adds the peak memory; ``bytes_=True`` formats counts as sizes.
+    ``show=False`` (a ``--quiet``) keeps bar and lines off stderr, the lines
+    still go to ``log.txt``; ``memory=True`` adds the peak memory;
+    ``bytes_=True`` formats counts as sizes.
     """
 
     def __init__(self, total: int | None, what: str, *, unit: str = "it", initial: int = 0,
                  logger: logging.Logger | None = None, bar: bool | None = None, memory: bool = False,
-                 bytes_: bool = False, interval: float | None = None) -> None:
+                 bytes_: bool = False, interval: float | None = None, show: bool = True) -> None:
         global _bars_drawn
         self.total, self.what, self.unit = total, what, unit
         self.count = self.start = initial
@@ -292,7 +295,8 @@ class Progress:
         self.last_line: float | None = None
         self.last_count = initial
         self.bar = None
-        if (stderr_is_terminal() if bar is None else bar) and stderr_is_terminal():
+        self.extra = {_PROGRESS: True, _FILE_ONLY: not show}
+        if show and (stderr_is_terminal() if bar is None else bar) and stderr_is_terminal():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=what, unit=unit if not bytes_ else "B",
@@ -340,7 +344,7 @@ class Progress:
 
     def _line(self, now: float) -> None:
         self.last_line, self.last_count = now, self.count
-        self.logger.info("%s", self.line(now), extra={_PROGRESS: True})
+        self.logger.info("%s", self.line(now), extra=self.extra)
 
     def close(self) -> None:
         global _bars_drawn

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.runlog import cli_logging, dumps, log_to_folder, result
+from data_prep.runlog import cli_logging, dumps, final_error, log_to_folder, result
 from finetune import config as ftconfig
 from finetune.config import DATASETS, ConfigError, FinetuneConfig
 from finetune.datasets import DatasetError
@@ -477,8 +477,7 @@ def _main(args, run) -> int:
     from pretrain.cli import describe_os_error
 
     def fail(code: int, line: str) -> int:
-        print(line, file=sys.stderr)
-        run.file_only(logging.ERROR, line)
+        final_error(line)
         return code
 
     try:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import os
 import sys
 import uuid
 from pathlib import Path
 
-from data_prep.runlog import cli_logging
+from data_prep.runlog import cli_logging, final_error, result
 from pretrain.config import ConfigError, load_config
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -62,16 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("data.verify_shards=true")
     with cli_logging(PROG, argv) as run:
         code, out = _run(args, overrides, run)
-    if code == EXIT_OK:
-        print(f"run directory: {out}")
+        if code == EXIT_OK:
+            result(f"run directory: {out}")
     return code
 
 
 def _run(args, overrides: list[str], run) -> tuple[int, Path | None]:
     """Train; ``(exit status, run directory)``.  Every line also lands in RUN/log.txt."""
     def fail(code: int, line: str) -> tuple[int, None]:
-        print(line, file=sys.stderr)
-        run.file_only(logging.ERROR, line)
+        final_error(line)
         return code, None
 
     try:
