@@ -212,7 +212,7 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
             optimizer.zero_grad(set_to_none=True)
             step += 1
             lr = optimizer.param_groups[0]["lr"]
-            last = {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+            last = _mean_over_ranks(accelerator, {"loss": loss, **losses})
             history.write(record(step, lr, last, time.monotonic() - started))
             for k, v in last.items():
                 window[k].append(v)
@@ -233,6 +233,14 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
     outcome = TrainOutcome(step, step / iters_per_epoch, time.monotonic() - started, last, evals.rows,
                            None if resume is None else str(resume))
     return outcome
+
+
+def _mean_over_ranks(accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The step's losses averaged over processes (as pre-training logs them)."""
+    stacked = torch.stack([v.detach().float() for v in values.values()])
+    if accelerator.num_processes > 1:
+        stacked = accelerator.reduce(stacked, reduction="mean")
+    return dict(zip(values, stacked.tolist()))
 
 
 def _periodic_eval(accelerator, model, evaluate, step: int, evals: "EvalLog", t) -> None:
