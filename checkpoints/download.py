@@ -153,7 +153,10 @@ class _ByteMeter:
     def __init__(self, total: int | None, initial: int, name: str) -> None:
         self.total, self.done, self.start, self.name = total, initial, initial, name
         self.t0, self.last, self.shown = time.monotonic(), None, initial
-        self.interval = _env_float("HYBRIDPS_LOG_INTERVAL", 30.0)
+        try:
+            self.interval = max(0.0, _env_float("HYBRIDPS_LOG_INTERVAL", 30.0))
+        except DownloadError:           # a bad value costs the progress period, not the download
+            self.interval = 30.0
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm

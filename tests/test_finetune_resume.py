@@ -108,6 +108,12 @@ def test_resume_refusals(prw, reference, tmp_path, capsys):
     assert "train.seed: 3 -> 4" in capsys.readouterr().err
     assert cli.main(argv(prw, tmp_path / "empty", "--resume")) == 2
     assert "no checkpoints" in capsys.readouterr().err
+    assert cli.main(argv(prw, copy, "--resume", "--overwrite")) == 2
+    assert "pass one of them" in capsys.readouterr().err
+    # --overwrite starts over: the old checkpoints go, the new run is the reference run again
+    assert cli.main(argv(prw, copy, "--overwrite")) == 0
+    assert [p.name for p in (copy / "checkpoints").iterdir()] == ["checkpoint_0"]
+    assert _losses(copy) == _losses(reference)
 
 
 def test_resume_past_the_end_extends_the_run(prw, reference, tmp_path):
