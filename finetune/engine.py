@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from finetune.config import FinetuneTrainConfig
 from data_prep.runlog import Progress, dumps
+from finetune.config import FinetuneTrainConfig
 from finetune.datasets import EpochSampler, ImageListDataset, PersonSearchDataset, collate, read_image
 from finetune.evaluate import Detections, SearchInputs, box_iou_matrix
 from pretrain.history import History, lines_up_to, record
@@ -174,7 +174,7 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
         except CheckpointError as e:
             raise TrainError(str(e)) from None
         logger.info("resumed from %s at step %d (epoch %d, batch %d of %d)", resume, step,
-                 step // iters_per_epoch, step % iters_per_epoch, iters_per_epoch)
+                    step // iters_per_epoch, step % iters_per_epoch, iters_per_epoch)
         if step > total:
             raise TrainError(f"--resume: the checkpoint is at step {step}, past this run's {total} steps")
 
@@ -229,7 +229,6 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
     progress.close()
     save(step)
     history.close()
-    evals.close()
     outcome = TrainOutcome(step, step / iters_per_epoch, time.monotonic() - started, last, evals.rows,
                            None if resume is None else str(resume))
     return outcome
@@ -279,9 +278,6 @@ class EvalLog:
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(dumps(row) + "\n")
-
-    def close(self) -> None:
-        pass
 
 
 # --------------------------------------------------------------------------- inference
