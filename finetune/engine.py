@@ -222,7 +222,7 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
             progress.update(1, epoch=f"{step / iters_per_epoch:.2f}", loss=last["loss"], lr=lr)
             if t.save_every and step % t.save_every == 0 and step < total:
                 save(step)
-            if evaluate is not None and t.eval_every and step % t.eval_every == 0 and step < total:
+            if t.eval_every and step % t.eval_every == 0 and step < total:     # every rank: a barrier inside
                 _periodic_eval(accelerator, model, evaluate, step, evals, t)
             if step >= total:
                 break
@@ -243,7 +243,8 @@ def _mean_over_ranks(accelerator, values: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def _periodic_eval(accelerator, model, evaluate, step: int, evals: "EvalLog", t) -> None:
-    if accelerator.is_main_process:
+    """Rank 0 evaluates while the others wait at the barrier (every rank calls this)."""
+    if accelerator.is_main_process and evaluate is not None:
         inner = accelerator.unwrap_model(model)
         try:
             metrics = _preserving_rng(lambda: evaluate(inner, step))
