@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.runlog import cli_logging, dumps, final_error, log_to_folder, result
+from data_prep.runlog import cli_logging, final_error, log_to_folder, result, write_json
 from finetune import config as ftconfig
 from finetune.config import DATASETS, ConfigError, FinetuneConfig
 from finetune.datasets import DatasetError
@@ -206,12 +206,12 @@ def write_eval(out: Path, dataset: str, protocol, search, detection, labeled, se
     }
     if model is not None:
         metrics["model"] = model
-    (out / "metrics.json").write_text(dumps(metrics, indent=2))
+    write_json(out / "metrics.json", metrics, indent=2)         # strict JSON, tmp + rename
     per_query = [{"index": q.index, "query_image": protocol.queries[q.index].image_key,
                   "query_box": protocol.queries[q.index].box, "ap": q.ap, "recall": q.recall,
                   "count_gt": q.count_gt, "count_tp": q.count_tp, "hits": {str(k): v for k, v in q.hits.items()},
                   "top": [dataclasses.asdict(h) for h in q.top]} for q in search.per_query]
-    (out / "per_query.json").write_text(dumps(per_query))
+    write_json(out / "per_query.json", per_query, indent=None)
     if vis > 0:
         from finetune.visualize import draw_topk
 
@@ -451,11 +451,11 @@ def save_run(out: Path, model, cfg: FinetuneConfig, args, lab, subset, outcome, 
         "periodic_evals": "evals.jsonl" if cfg.train.eval_every else None,
         "result": "the final model (no selection on the test set)",
     }
-    (out / "meta.json").write_text(dumps(meta, indent=2))
+    write_json(out / "meta.json", meta, indent=2)
     (out / "train_subset.json").write_text(json.dumps(sorted(r.key for r in subset)))
     (out / "id_map.json").write_text(json.dumps({str(k): v for k, v in lab.mapping.items()}))
     if init_report is not None:
-        (out / "init_report.json").write_text(dumps(init_report.as_dict(), indent=1))
+        write_json(out / "init_report.json", init_report.as_dict())
 
 
 # --------------------------------------------------------------------------- entry
