@@ -57,7 +57,7 @@ class TrainConfig:
     log_every: int = 10                 # tracker logging period (history.jsonl gets every step)
     save_every: int = 500               # checkpoint period in steps; 0 = only at the end
     total_limit: int = 2                # checkpoints kept
-    progress: bool = True               # a bar on a terminal; plain lines when piped either way
+    progress: bool = True               # bar on a terminal; false: plain lines there too (as when piped)
 
 
 @dataclass
