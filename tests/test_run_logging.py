@@ -206,3 +206,39 @@ def test_finetune_prints_step_lines_and_writes_the_same_history_fields(pretraine
         assert isinstance(r["terms"], dict) and r["terms"] and all(k != "loss" for k in r["terms"])
         assert math.isfinite(r["loss"]) and r["time"] >= 0 and r["mem_mib"] > 0 and r["lr"] > 0
     assert "loss_reid" in pre[0]["terms"] and "loss_reid" in ft[0]["terms"]
+
+
+def test_terminal_gets_a_bar_and_log_txt_still_gets_the_lines(build, tmp_path):
+    """stderr on a pseudo-terminal: a tqdm bar, no plain progress lines there; log.txt has them."""
+    import pty
+    import select
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))   # a 120-column terminal
+    out = tmp_path / "tty"
+    proc = subprocess.Popen([PY, "-m", "data_prep", "build", str(out), "--workers", "1",
+                             "--source", f"msmt17={build[0].parent / 'synth' / 'msmt17'}"],
+                            stdout=subprocess.DEVNULL, stderr=slave, env=env())
+    os.close(slave)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 60)
+        if not ready:
+            break
+        try:
+            data = os.read(master, 4096)
+        except OSError:            # the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "\rimages:   0%|" in screen and "/20 [" in screen and "img/s]" in screen     # tqdm's bar
+    assert not progress_lines(screen, "images")                                   # no plain lines
+    assert "images 20/20 (100%)" in (out / "log.txt").read_text()
