@@ -270,8 +270,9 @@ class EvalLog:
             return
         kept = lines_up_to(self.path, step, lambda ln: json.loads(ln)["step"]) if step else []
         self.rows = [json.loads(ln) for ln in kept]
-        with open(self.path, "w") as f:
-            f.write("".join(ln + "\n" for ln in kept))
+        if kept or self.path.exists():          # no empty file for runs that never evaluate
+            with open(self.path, "w") as f:
+                f.write("".join(ln + "\n" for ln in kept))
 
     def write(self, row: dict) -> None:
         if not self.main:
