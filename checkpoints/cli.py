@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -78,7 +81,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if path.is_file():
         info["sha256"] = sha256_of(path)
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(json.dumps(_strict(info), indent=2, default=str, allow_nan=False))
     else:
         for k, v in info.items():
             print(f"{k:>13}: {v}")
@@ -99,7 +102,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"\nwrote {res.out} ({res.target}, {res.arch})")
     print(f"use it with:\n    {res.config}")
     if args.report_json:
-        Path(args.report_json).write_text(json.dumps(res.report.as_dict(), indent=2))
+        Path(args.report_json).write_text(json.dumps(_strict(res.report.as_dict()), indent=2, allow_nan=False))
     return 0
 
 
@@ -264,10 +267,43 @@ def build_parser() -> argparse.ArgumentParser:
 DEBUG_ENV = "HYBRIDPS_DEBUG"
 
 
+def _strict(obj):
+    """JSON values without NaN/inf (null instead: bare NaN is not JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+@contextlib.contextmanager
+def _stderr_logging():
+    """This package's INFO lines (download progress...) on stderr while a
+    command runs -- data_prep/runlog.py's rule; a leaf package, it does not import it."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("python -m checkpoints: %(message)s"))
+    pkg = logging.getLogger(__package__)
+    level = pkg.level
+    pkg.setLevel(logging.INFO)
+    pkg.addHandler(handler)
+    try:
+        yield
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 ok; 2 bad input, arguments or environment (one line); 1 internal
     error (traceback with HYBRIDPS_DEBUG=1); 130 interrupted."""
     args = build_parser().parse_args(argv)
+    with _stderr_logging():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as exc:

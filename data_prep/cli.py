@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -15,8 +16,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from .runlog import cli_logging, final_error, log_to_folder, result
+
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEBUG_ENV = "HYBRIDPS_DEBUG"
+logger = logging.getLogger(__name__)
 
 
 class UsageError(Exception):
@@ -107,17 +111,18 @@ def cmd_synth(args) -> int:
 
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     t0 = time.perf_counter()
+    log_to_folder(args.out_dir)
     try:
         truths = write_world(args.out_dir, seed=args.seed, size=args.size, only=only,
-                             warn=lambda m: print(m, file=sys.stderr), domain_gap=args.domain_gap)
+                             warn=logger.warning, domain_gap=args.domain_gap)
     except SynthError as e:
         if e.__cause__ is None:
             raise UsageError(str(e)) from None
-        print(f"data_prep synth: error: {e}", file=sys.stderr)
+        final_error(f"data_prep synth: error: {e}")
         return EXIT_INTERNAL
-    print(format_table(summary_rows(truths)))
-    print(f"wrote {len(truths)} dataset(s) to {args.out_dir} in {time.perf_counter() - t0:.1f}s; "
-          f"truth: {Path(args.out_dir) / TRUTH_FILE}")
+    result(format_table(summary_rows(truths)))
+    result(f"wrote {len(truths)} dataset(s) to {args.out_dir} in {time.perf_counter() - t0:.1f}s; "
+           f"truth: {Path(args.out_dir) / TRUTH_FILE}")
     return EXIT_OK
 
 
@@ -139,11 +144,11 @@ def cmd_build(args) -> int:
     )
     t0 = time.perf_counter()
     try:
-        manifest = run_build(opts, log=lambda m: print(m, file=sys.stderr))
+        manifest = run_build(opts, log=logger.info)      # progress and log.txt: data_prep/runlog.py
     except BuildError as e:
         raise UsageError(str(e)) from None
-    print(manifest_table(manifest))
-    print(f"wrote {Path(args.out_dir) / 'manifest.json'} in {time.perf_counter() - t0:.1f}s")
+    result(manifest_table(manifest))
+    result(f"wrote {Path(args.out_dir) / 'manifest.json'} in {time.perf_counter() - t0:.1f}s")
     return EXIT_OK
 
 
@@ -261,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--format-option", action="append", default=[], metavar="NAME:key=value",
                    help="keyword passed to NAME's parser, e.g. ecp:time=day or crowdhuman:box=vbox")
     b.add_argument("--overwrite", action="store_true", help="replace a build made with other arguments")
-    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--quiet", action="store_true",
+                   help="no progress bar or progress lines on stderr (OUT_DIR/log.txt still gets the lines)")
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("preview", help="draw sampled shard images with their boxes into a PNG grid")
@@ -281,26 +287,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with cli_logging(f"data_prep {args.command}", None if argv is None else list(argv)):
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except UsageError as e:
-        print(f"data_prep {args.command}: error: {e}", file=sys.stderr)
+        final_error(f"data_prep {args.command}: error: {e}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"data_prep {args.command}: interrupted" + ("; re-run the same command to resume"
-              if args.command == "build" else ""), file=sys.stderr)
+        final_error(f"data_prep {args.command}: interrupted" + ("; re-run the same command to resume"
+              if args.command == "build" else ""))
         return EXIT_INTERRUPTED
     except OSError as e:
         # the environment (full disk, permissions, a file where OUT should be), not a bug
         if os.environ.get(DEBUG_ENV):
             raise
-        print(f"data_prep {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        final_error(f"data_prep {args.command}: error: {describe_os_error(e)}")
         return EXIT_USAGE
     except Exception as e:
         if os.environ.get(DEBUG_ENV):
             raise
-        print(f"data_prep {args.command}: internal error: {type(e).__name__}: {e} "
-              f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        final_error(f"data_prep {args.command}: internal error: {type(e).__name__}: {e} "
+              f"(set {DEBUG_ENV}=1 for the traceback)")
         return EXIT_INTERNAL
 
 

@@ -4,6 +4,8 @@
     python -m finetune eval --dataset cuhk_sysu --root data/CUHK-SYSU --results other_model.npz --gallery-size -1
     python -m finetune train --dataset prw --root data/PRW --init psvis-resnet50 --init-scope full --eval
     python -m finetune search --weights runs/ft_prw --query q.jpg --box 10 20 60 150 --gallery frames/ --out hits.png
+    python -m finetune train --dataset prw --root data/PRW --init runs/pretrain --save-every 500 \
+        --eval-every 2000 --log-with tensorboard          # later: the same command with --resume
     accelerate launch -m finetune train --dataset cuhk_sysu --root data/CUHK-SYSU --init runs/pretrain
 
 See the README section "Fine-tuning and evaluation" for the protocol details and the results-file format.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.runlog import cli_logging, final_error, log_to_folder, result, write_json
 from finetune import config as ftconfig
 from finetune.config import DATASETS, ConfigError, FinetuneConfig
 from finetune.datasets import DatasetError
@@ -29,6 +33,8 @@ from finetune.results_io import ResultsFileError
 from pretrain.guard import end_distributed
 
 RUN_KIND = "hybridps-finetune"
+PROG = "python -m finetune"
+logger = logging.getLogger(__name__)
 USER_ERRORS = (ConfigError, DatasetError, EvaluationError, InitError, ResultsFileError, FileNotFoundError)
 
 
@@ -79,7 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
     tr.add_argument("--seed", type=int)
     tr.add_argument("--eval", action="store_true", help="evaluate the fine-tuned model afterwards")
-    tr.add_argument("--overwrite", action="store_true", help="reuse an --out that already holds a model")
+    tr.add_argument("--eval-every", type=int, metavar="N",
+                    help="also evaluate every N steps (evals.jsonl, TensorBoard); the reported result stays the "
+                         "final model's (implies --eval)")
+    tr.add_argument("--save-every", type=int, metavar="N", help="checkpoint every N steps (default: only at the end)")
+    tr.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                    help="continue from CKPT, or from the newest complete checkpoint of --out")
+    tr.add_argument("--log-with", choices=("tensorboard", "none"), help="experiment tracker (train.log_with)")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="reuse an --out that already holds a model or checkpoints (they are replaced)")
     tr.add_argument("--offline", action="store_true", help="never download a registry INIT")
     se = sub.add_parser("search", help="rank gallery images for one query person and draw the result as a PNG")
     se.add_argument("--weights", required=True,
@@ -142,10 +156,10 @@ def cmd_compare(args) -> None:
     from finetune.compare import compare_table
 
     table = compare_table(args.evals, args.names)
-    print(table)
+    result(table)
     if args.out:
         Path(args.out).write_text(table)
-        print(f"wrote {args.out}")
+        logger.info("wrote %s", args.out)
 
 
 def load_cfg(args, base: Path | None = None) -> FinetuneConfig:
@@ -169,7 +183,7 @@ def _settings(args, cfg: FinetuneConfig) -> SearchSettings:
                           iou_rule=args.iou_rule or cfg.eval.iou_rule)
 
 
-def load_model_for_eval(checkpoint: str, cfg: FinetuneConfig, log=print):
+def load_model_for_eval(checkpoint: str, cfg: FinetuneConfig, log=logger.info):
     """A fine-tuning run dir loads strictly (``cfg`` must come from its
     config.yaml, see :func:`cmd_eval`); anything else
     goes through the checkpoints package (any layout) and must cover the
@@ -259,7 +273,7 @@ def subset_notice(protocol) -> str | None:
 
 
 def write_eval(out: Path, dataset: str, protocol, search, detection, labeled, settings, source: str,
-               vis: int, log=print) -> dict:
+               vis: int, log=logger.info, model: dict | None = None) -> dict:
     """metrics.json, per_query.json and topk.png under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = {
@@ -273,12 +287,14 @@ def write_eval(out: Path, dataset: str, protocol, search, detection, labeled, se
         "detection": {**detection.summary(), "det_thresh": 0.01, "iou_thresh": 0.5},
         "detection_labeled_only": labeled.summary(),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if model is not None:
+        metrics["model"] = model
+    write_json(out / "metrics.json", metrics, indent=2)         # strict JSON, tmp + rename
     per_query = [{"index": q.index, "query_image": protocol.queries[q.index].image_key,
                   "query_box": protocol.queries[q.index].box, "ap": q.ap, "recall": q.recall,
                   "count_gt": q.count_gt, "count_tp": q.count_tp, "hits": {str(k): v for k, v in q.hits.items()},
                   "top": [dataclasses.asdict(h) for h in q.top]} for q in search.per_query]
-    (out / "per_query.json").write_text(json.dumps(per_query))
+    write_json(out / "per_query.json", per_query, indent=None)
     if vis > 0:
         from finetune.visualize import draw_topk
 
@@ -286,7 +302,7 @@ def write_eval(out: Path, dataset: str, protocol, search, detection, labeled, se
     return metrics
 
 
-def cmd_eval(args, log=print) -> dict:
+def cmd_eval(args, log=logger.info) -> dict:
     from finetune.datasets import load_protocol
     from finetune.results_io import check_against_protocol, read_results, write_results
 
@@ -302,6 +318,8 @@ def cmd_eval(args, log=print) -> dict:
     settings = _settings(args, cfg)
     protocol = load_protocol(args.dataset, args.root, gallery_size)
     out = Path(args.out or (ckpt if ckpt is not None and ckpt.is_dir() else Path("runs/eval")) / f"eval_{args.dataset}")
+    log_to_folder(out)
+    model_info = None
     if args.results:
         inputs, meta = read_results(args.results)
         for warning in check_against_protocol(inputs, protocol):
@@ -318,47 +336,125 @@ def cmd_eval(args, log=print) -> dict:
         inputs = run_inference(model, protocol, device, cfg.eval.batch_size, settings.cbgm, log)
         log(f"wrote {write_results(out / 'results.npz', inputs, args.dataset, {'checkpoint': str(args.checkpoint)})}")
         source = f"checkpoint {args.checkpoint}"
+        meta = _run_meta(ckpt) if ckpt is not None else None
+        if meta is not None:
+            # the run's final weights: no checkpoint is picked by its test score
+            model_info = {"run": str(ckpt), "steps": meta.get("steps"), "selection": "last"}
     t0 = time.perf_counter()
     search, detection, labeled = score(protocol, inputs, settings)
     log(f"scored in {time.perf_counter() - t0:.2f}s")
     notice = subset_notice(protocol)
     if notice:
         log(notice)
-    log(format_table(args.dataset, search, detection, labeled, settings, protocol))
+    result(format_table(args.dataset, search, detection, labeled, settings, protocol))
     metrics = write_eval(out, args.dataset, protocol, search, detection, labeled, settings, source,
-                         cfg.eval.visualize, log)
+                         cfg.eval.visualize, log, model_info)
     log(f"wrote {out / 'metrics.json'}")
     return metrics
 
 
 # --------------------------------------------------------------------------- train
-def cmd_train(args, log=print) -> Path:
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import set_seed
-    from pretrain.model import build_search_model
-
-    from finetune.datasets import PersonSearchDataset, load_train_records, relabel, train_subset
-    from finetune.engine import train_loop
-    from finetune.init import load_scoped, normalization_for_model, resolve_init
-
-    cfg = load_cfg(args)
+def _apply_train_args(args, cfg: FinetuneConfig) -> FinetuneConfig:
     t = cfg.train
-    t = dataclasses.replace(t, **{k: v for k, v in (("max_steps", args.max_steps), ("seed", args.seed),
-                                                    ("train_fraction", args.train_fraction)) if v is not None})
+    given = {"max_steps": args.max_steps, "seed": args.seed, "train_fraction": args.train_fraction,
+             "save_every": args.save_every, "eval_every": args.eval_every}
+    if args.log_with is not None:
+        given["log_with"] = None if args.log_with == "none" else args.log_with
+    t = dataclasses.replace(t, **{k: v for k, v in given.items() if v is not None})
     cfg = dataclasses.replace(cfg, train=t)
     ftconfig.validate(cfg)
-    out = Path(args.out or f"runs/finetune_{args.dataset}")
+    return cfg
+
+
+def _resume_target(out: Path, args) -> Path | None:
+    """What ``out`` holds decides: a fresh run, a refused one, or the checkpoint to resume."""
+    from pretrain.state import CheckpointError, checkpoint_dirs, complete_checkpoints, pick_resume
+
+    if args.resume is not None:
+        if args.overwrite:
+            raise CLIError("--resume continues the run in --out; --overwrite would replace it: pass one of them")
+        try:
+            return pick_resume(out, args.resume)
+        except CheckpointError as e:
+            raise CLIError(str(e)) from None
     if (out / "model.safetensors").exists() and not args.overwrite:
-        raise CLIError(f"{out} already holds a fine-tuned model; pass --overwrite or another --out")
+        raise CLIError(f"{out} already holds a fine-tuned model; pass --overwrite or another --out "
+                       "(or --resume with a larger --max-steps to continue it)")
+    if complete_checkpoints(out) and not args.overwrite:
+        raise CLIError(f"{out} already holds checkpoints: pass --resume to continue, --overwrite to start over, "
+                       "or choose another --out")
+    if args.overwrite:
+        import shutil
+
+        for old in checkpoint_dirs(out) + list((out / "checkpoints").glob(".checkpoint_*.partial")):
+            shutil.rmtree(old)
+    return None
+
+
+def _flat(node, prefix: str = "") -> dict:
+    """TensorBoard hparams: scalars under dotted keys."""
+    from pretrain.config import to_dict
+
+    flat = {}
+    for k, v in to_dict(node).items() if prefix == "" else node.items():
+        if isinstance(v, dict):
+            flat.update(_flat(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
+
+
+def _evaluator(args, cfg: FinetuneConfig, device):
+    """``evaluate(model, step) -> metrics`` on the test protocol (periodic evaluation)."""
+    from finetune.datasets import load_protocol
+    from finetune.engine import run_inference
+
+    protocol = load_protocol(args.dataset, args.root, cfg.eval.gallery_size)
+    settings = SearchSettings(det_thresh=cfg.eval.det_thresh, cbgm=cfg.eval.cbgm, cross_camera=cfg.eval.cross_camera,
+                              iou_rule=cfg.eval.iou_rule)
+
+    def evaluate(model, step: int) -> dict:
+        inputs = run_inference(model, protocol, device, cfg.eval.batch_size, settings.cbgm)
+        search, detection, labeled = score(protocol, inputs, settings)
+        row = {"mAP": search.mAP, "top1": search.topk[1], "top5": search.topk[5], "top10": search.topk[10],
+               "det_ap": detection.ap, "det_recall": detection.recall}
+        logger.info("eval at step %d (monitoring only): %s", step,
+                    " ".join(f"{k} {100 * v:.2f}" for k, v in row.items()))
+        return row
+
+    return evaluate
+
+
+def cmd_train(args, log=logger.info) -> Path:
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import is_tensorboard_available, set_seed
+    from pretrain.model import build_search_model
+    from pretrain.state import CheckpointError, check_resumable
+
+    from finetune.datasets import PersonSearchDataset, load_train_records, relabel, train_subset
+    from finetune.engine import resume_config, train_loop
+    from finetune.init import load_scoped, normalization_for_model, resolve_init
+
+    cfg = _apply_train_args(args, load_cfg(args))
+    t = cfg.train
+    if t.log_with == "tensorboard" and not is_tensorboard_available():
+        raise CLIError("train.log_with=tensorboard but neither tensorboard nor tensorboardX is installed "
+                       "(pip install tensorboard, or --log-with none)")
+    out = Path(args.out or f"runs/finetune_{args.dataset}")
+    start_from = _resume_target(out, args)
 
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         # without a GPU, several launched processes only form a (gloo) group when cpu=True
         cpu=not torch.cuda.is_available(),
         step_scheduler_with_optimizer=False,
+        log_with=t.log_with, project_dir=str(out),
         # a batch without a labeled person leaves OIM-only parameters without gradient
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     log = log if accelerator.is_main_process else (lambda *_: None)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        log_to_folder(out)
     set_seed(t.seed)
 
     records, skipped = load_train_records(args.dataset, args.root)
@@ -379,39 +475,56 @@ def cmd_train(args, log=print) -> Path:
         if norm is not None:
             changes["image_mean"], changes["image_std"] = norm
         if weights.style == "caffe":
-            log("warning: INIT was trained caffe-style (stride in the 1x1 conv, BGR); our ResNet is pytorch-style")
+            logger.warning("INIT was trained caffe-style (stride in the 1x1 conv, BGR); our ResNet is pytorch-style")
     cfg = ftconfig.with_model(cfg, **changes)
+    resume_cfg = resume_config(cfg, args.dataset, args.init, args.init_scope, [r.key for r in subset],
+                               accelerator.num_processes)
+    if start_from is not None:
+        try:
+            check_resumable(start_from, out, resume_cfg)
+        except CheckpointError as e:
+            raise CLIError(str(e)) from None
     model = build_search_model(cfg.model)
     init_report = None
     if weights is not None:
         init_report = load_scoped(model, weights, args.init_scope, args.min_fraction, log)
     else:
         log("INIT none: random initialisation")
+    if t.log_with:
+        accelerator.init_trackers("finetune", config=_flat(cfg))
 
-    dataset = PersonSearchDataset(subset, flip_prob=t.flip_prob)
-    outcome = train_loop(model, dataset, t, accelerator, log)
+    evaluate = _evaluator(args, cfg, accelerator.device) if t.eval_every and accelerator.is_main_process else None
+    dataset = PersonSearchDataset(subset, flip_prob=t.flip_prob, seed=t.seed)
+    outcome = train_loop(model, dataset, t, accelerator, out, start_from, resume_cfg, evaluate)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_run(out, accelerator.unwrap_model(model), cfg, args, lab, subset, outcome, init_report)
         log(f"saved {out} ({outcome.steps} steps, {outcome.seconds:.1f}s)")
-        if args.eval:
+        if args.eval or t.eval_every:
             eval_args = argparse.Namespace(dataset=args.dataset, root=args.root, config=None, overrides=[],
                                            out=str(out / f"eval_{args.dataset}"), checkpoint=str(out),
                                            results=None, gallery_size=None, cbgm=False, det_thresh=None,
                                            cross_camera=False, iou_rule=None, device=str(accelerator.device))
-            cmd_eval(eval_args, log)
+            metrics = cmd_eval(eval_args, log)
+            if t.eval_every:
+                log(f"reported result: the final model (step {outcome.steps}), mAP {100 * metrics['search']['mAP']:.2f}; "
+                    f"the {len(outcome.evals)} periodic evaluation(s) in {out / 'evals.jsonl'} are for monitoring "
+                    "only (picking the best of them would select the model on the test set)")
     del model
     end_distributed(accelerator)
     return out
 
 
 def save_run(out: Path, model, cfg: FinetuneConfig, args, lab, subset, outcome, init_report) -> None:
-    """model.safetensors + config.yaml + meta.json + the subset and loss history."""
+    """model.safetensors + config.yaml + meta.json + the subset and id map
+    (history.jsonl and evals.jsonl are written during training)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"hybridps_layout": "hybridps"})
+    tmp = out / ".model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"hybridps_layout": "hybridps"})
+    os.replace(tmp, out / "model.safetensors")
     ftconfig.dump_config(cfg, out / "config.yaml")
     meta = {
         "kind": RUN_KIND, "dataset": args.dataset, "root": str(args.root), "init": args.init,
@@ -421,25 +534,39 @@ def save_run(out: Path, model, cfg: FinetuneConfig, args, lab, subset, outcome, 
         "final_losses": outcome.last_losses, "backbone": cfg.model.backbone, "style": "pytorch",
         "mean": cfg.model.image_mean, "std": cfg.model.image_std,
         "init_matched_fraction": None if init_report is None else round(init_report.matched_fraction, 4),
+        "resumed_from": outcome.resumed_from, "loss_history": "history.jsonl",
+        "periodic_evals": "evals.jsonl" if cfg.train.eval_every else None,
+        "result": "the final model (no selection on the test set)",
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    write_json(out / "meta.json", meta, indent=2)
     (out / "train_subset.json").write_text(json.dumps(sorted(r.key for r in subset)))
     (out / "id_map.json").write_text(json.dumps({str(k): v for k, v in lab.mapping.items()}))
-    with open(out / "history.jsonl", "w") as f:
-        for rec in outcome.history:
-            f.write(json.dumps(rec) + "\n")
     if init_report is not None:
-        (out / "init_report.json").write_text(json.dumps(init_report.as_dict(), indent=1))
+        write_json(out / "init_report.json", init_report.as_dict())
 
 
 # --------------------------------------------------------------------------- entry
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    resume = getattr(args, "resume", None)
+    if resume and "=" in resume and not os.path.exists(resume):
+        # `--resume key=value`: argparse gave the first override to --resume's optional value
+        args.overrides.insert(0, resume)
+        args.resume = "latest"
+    with cli_logging(PROG, argv) as run:
+        return _main(args, run)
+
+
+def _main(args, run) -> int:
     from finetune.compare import CompareError
 
     from finetune.engine import TrainError
     from pretrain.cli import describe_os_error
 
-    args = build_parser().parse_args(argv)
+    def fail(code: int, line: str) -> int:
+        final_error(line)
+        return code
+
     try:
         if args.command == "eval":
             cmd_eval(args)
@@ -451,22 +578,19 @@ def main(argv: list[str] | None = None) -> int:
             cmd_train(args)
     except (CLIError, CompareError, TrainError, *USER_ERRORS) as e:
         # TrainError: a non-finite loss or an unusable loader is the run's input, not a bug
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return fail(2, f"error: {' '.join(str(e).split())}")
     except KeyboardInterrupt:
-        print(f"python -m finetune {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return fail(130, f"{PROG} {args.command}: interrupted"
+                    + ("; continue with --resume" if args.command == "train" else ""))
     except OSError as e:
         if os.environ.get(DEBUG_ENV):
             raise
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
-        return 2
+        return fail(2, f"error: {describe_os_error(e)}")
     except Exception as e:
         if os.environ.get(DEBUG_ENV):
             raise
-        print(f"python -m finetune {args.command}: internal error: {type(e).__name__}: {' '.join(str(e).split())} "
-              f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        return 1
+        return fail(1, f"{PROG} {args.command}: internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+                       f"(set {DEBUG_ENV}=1 for the traceback)")
     return 0
 
 

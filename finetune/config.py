@@ -45,7 +45,12 @@ class FinetuneTrainConfig:
     num_workers: int = 2
     seed: int = 0
     mixed_precision: str = "no"           # "no" | "fp16" | "bf16"
-    log_every: int = 20
+    log_every: int = 20                   # tracker period (history.jsonl gets every step)
+    log_with: str | None = None           # "tensorboard": event files under RUN/finetune/ (as pre-training)
+    save_every: int = 0                   # checkpoint period in steps; 0 = only at the end
+    total_limit: int = 2                  # checkpoints kept
+    eval_every: int = 0                   # evaluate every N steps (monitoring; the result is the last model)
+    progress: bool = True                 # progress bar on a terminal (plain lines otherwise)
 
 
 @dataclass
@@ -96,6 +101,13 @@ def validate(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"train.mixed_precision must be no|fp16|bf16, got {t.mixed_precision!r}")
     if e.iou_rule not in ("standard", "fixed"):
         raise ConfigError(f"eval.iou_rule must be standard|fixed, got {e.iou_rule!r}")
+    if t.log_with not in (None, "tensorboard"):
+        raise ConfigError(f"train.log_with must be null or 'tensorboard', got {t.log_with!r}")
+    for name in ("save_every", "total_limit", "eval_every"):
+        if not isinstance(getattr(t, name), int) or getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be an integer >= 0, got {getattr(t, name)!r}")
+    if t.log_every < 1:
+        raise ConfigError(f"train.log_every must be >= 1, got {t.log_every}")
     if e.gallery_size not in (-1, 50, 100, 500, 1000, 2000, 4000):
         raise ConfigError(f"eval.gallery_size must be one of -1, 50, 100, 500, 1000, 2000, 4000, got {e.gallery_size}")
 

@@ -148,25 +148,66 @@ def hflip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.T
 
 
 class PersonSearchDataset(torch.utils.data.Dataset):
-    """Map-style training set over (relabelled) person-search records."""
+    """Map-style training set over (relabelled) person-search records.
 
-    def __init__(self, records: list[Record], flip_prob: float = 0.0) -> None:
+    An item is ``i`` or ``(i, epoch)`` (what :class:`EpochSampler` yields): the
+    flip is drawn from a generator seeded by ``(seed, epoch, i)``, not from a
+    shared RNG stream, so it is the same whichever process loads the item and
+    however many items were loaded before -- what makes ``--resume`` exact."""
+
+    def __init__(self, records: list[Record], flip_prob: float = 0.0, seed: int = 0) -> None:
         self.records = records
         self.flip_prob = flip_prob
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        i, epoch = item if isinstance(item, tuple) else (item, 0)
         r = self.records[i]
         image = read_image(r.image)
         target = {"boxes": torch.as_tensor(r.boxes, dtype=torch.float32).reshape(-1, 4),
                   "pids": torch.as_tensor(r.ids, dtype=torch.int64)}
         if r.ignore:
             target["ignore"] = torch.as_tensor(r.ignore, dtype=torch.float32).reshape(-1, 4)
-        if self.flip_prob > 0 and torch.rand(()) < self.flip_prob:
-            image, target = hflip(image, target)
+        if self.flip_prob > 0:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, i))
+            if torch.rand((), generator=g) < self.flip_prob:
+                image, target = hflip(image, target)
         return image, target, r.key
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch, as ``(index, epoch)`` items; ``skip``
+    leaves out the first items of the epoch (a resumed run's position).
+
+    The order is a function of ``(seed, epoch)`` only, so a run resumed at step
+    ``s`` sees exactly the batches an uninterrupted run saw after step ``s``."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self.epoch, self.skip = 0, 0
+
+    def position(self, epoch: int, skip: int = 0) -> None:
+        # not called set_epoch: accelerate's loader calls a sampler's set_epoch with its own counter
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
+        for i in order.tolist()[self.skip:]:
+            yield (i, self.epoch)
+
+    def __len__(self) -> int:
+        return max(0, self.n - self.skip)
+
+
+def _mix(*values: int) -> int:
+    """A generator seed from several integers (distinct tuples -> distinct seeds)."""
+    h = 0
+    for v in values:
+        h = (h * 1_000_003 + int(v) + 1) % (1 << 61)
+    return h
 
 
 class ImageListDataset(torch.utils.data.Dataset):

@@ -8,20 +8,29 @@ ground-truth box (no CWS).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from data_prep.runlog import Progress, dumps
 from finetune.config import FinetuneTrainConfig
-from finetune.datasets import ImageListDataset, PersonSearchDataset, collate, read_image
+from finetune.datasets import EpochSampler, ImageListDataset, PersonSearchDataset, collate, read_image
 from finetune.evaluate import Detections, SearchInputs, box_iou_matrix
+from pretrain.history import History, lines_up_to, record
 from pretrain.losses.oim import init_sync_group
 from pretrain.optim import param_groups
+
+
+logger = logging.getLogger(__name__)
 
 
 class TrainError(RuntimeError):
@@ -68,15 +77,84 @@ class TrainOutcome:
     epochs_done: float
     seconds: float
     last_losses: dict[str, float]
-    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    resumed_from: str | None = None
+
+
+# Settings a resumed run may change: how long it runs and what it logs, not what it computes.
+RESUME_FREE = ("train.epochs", "train.max_steps", "train.num_workers", "train.log_every", "train.save_every",
+               "train.total_limit", "train.log_with", "train.eval_every", "train.progress")
+
+
+def resume_config(cfg, dataset: str, init: str, init_scope: str, train_keys: list[str], world_size: int) -> dict:
+    """The settings a resumed fine-tuning run must share with the saved one
+    (dotted keys, compared by pretrain/state.py's ``compare_resume_config``)."""
+    from pretrain.config import to_dict
+
+    flat = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = node
+
+    walk("", {"model": to_dict(cfg.model), "train": to_dict(cfg.train)})
+    keep = {k: v for k, v in flat.items() if k not in RESUME_FREE}
+    keep.update(dataset=dataset, init=init, init_scope=init_scope, world_size=world_size,
+                train_keys_sha256=hashlib.sha256("\n".join(sorted(train_keys)).encode()).hexdigest())
+    return keep
+
+
+class _Position:
+    """Where the loop is in the data (checkpointed in state.json as ``loader``)."""
+
+    def __init__(self, iters_per_epoch: int) -> None:
+        self.iters_per_epoch, self.step = iters_per_epoch, 0
+
+    def state_dict(self) -> dict:
+        epoch, consumed = divmod(self.step, self.iters_per_epoch)
+        return {"epoch": epoch, "consumed": consumed, "iters_per_epoch": self.iters_per_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("iters_per_epoch") != self.iters_per_epoch:
+            raise TrainError(f"the checkpoint was written with {state.get('iters_per_epoch')} steps per epoch, "
+                             f"this run has {self.iters_per_epoch} (another batch size, subset or process count)")
+
+
+def _preserving_rng(fn):
+    """Run ``fn`` and put every RNG back: an evaluation in the middle of
+    training must not change what follows (a resumed run skips it)."""
+    from pretrain.state import rng_files, set_rng
+
+    tensors, meta = rng_files()
+    try:
+        return fn()
+    finally:
+        set_rng(tensors, meta)
 
 
 def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: FinetuneTrainConfig, accelerator,
-               log: Callable[[str], None] = print) -> TrainOutcome:
-    """Run the schedule of ``t`` on ``dataset``; ``model`` is trained in place."""
-    generator = torch.Generator().manual_seed(t.seed)
-    loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, collate_fn=collate,
-                        num_workers=t.num_workers, generator=generator, drop_last=False,
+               out: Path, resume: Path | None = None, resume_cfg: dict | None = None,
+               evaluate: Callable[[torch.nn.Module, int], dict] | None = None) -> TrainOutcome:
+    """Run the schedule of ``t`` on ``dataset``; ``model`` is trained in place.
+
+    Checkpoints (``t.save_every`` and at the end) use pretrain/state.py: no
+    pickle, crash-safe, and the model, optimizer, scheduler, RNG states and data
+    position are restored by ``resume``, so a resumed run ends with the same
+    weights as an uninterrupted one.  ``evaluate(model, step)`` runs every
+    ``t.eval_every`` steps on rank 0 (RNG states preserved around it); its
+    metrics go to ``evals.jsonl`` and the tracker, for monitoring only."""
+    from pretrain.state import CheckpointError, load_checkpoint, save_checkpoint
+    from pretrain.train import next_checkpoint_number
+
+    out = Path(out)
+    sampler = EpochSampler(len(dataset), t.seed)
+    # a generator of its own: a fresh loader iterator draws its worker seed from it, not from the
+    # global RNG the model samples RoIs with (a resumed run creates one iterator more)
+    loader = DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=t.num_workers, generator=torch.Generator().manual_seed(t.seed), drop_last=False,
                         persistent_workers=t.num_workers > 0)
     optimizer = build_optimizer(model, t)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -88,10 +166,36 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
     # scheduler num_processes times per call
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, iters_per_epoch, t))
     total = t.epochs * iters_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * iters_per_epoch)
+    position = _Position(iters_per_epoch)
+    step = 0
+    if resume is not None:
+        try:
+            step = load_checkpoint(accelerator, resume, model, optimizer, scheduler, position)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
+        logger.info("resumed from %s at step %d (epoch %d, batch %d of %d)", resume, step,
+                    step // iters_per_epoch, step % iters_per_epoch, iters_per_epoch)
+        if step > total:
+            raise TrainError(f"--resume: the checkpoint is at step {step}, past this run's {total} steps")
+
+    def save(at: int) -> Path:
+        position.step = at
+        return save_checkpoint(accelerator, out, next_checkpoint_number(out), model, optimizer, scheduler,
+                               position, at, resume_cfg or {}, t.total_limit)
+
+    main = accelerator.is_main_process
+    history = History(out, step, main)
+    evals = EvalLog(out, step, main)
+    progress = Progress(total, "step", unit="step", initial=step, logger=logger, memory=True,
+                        bar=None if (t.progress and accelerator.is_local_main_process) else False)
+    started = time.monotonic() - history.elapsed_before
     params = [p for p in model.parameters() if p.requires_grad]
+    window: dict[str, list[float]] = defaultdict(list)
+    last: dict[str, float] = {}
     model.train()
-    step, start, history, window = 0, time.perf_counter(), [], defaultdict(list)
     while step < total:
+        epoch, done_in_epoch = divmod(step, iters_per_epoch)
+        sampler.position(epoch, done_in_epoch * t.batch_size * accelerator.num_processes)
         for images, targets, _keys in loader:
             images, targets = _to_device(images, targets, accelerator.device)
             with accelerator.autocast():
@@ -107,20 +211,75 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            record = {"step": step, "lr": optimizer.param_groups[0]["lr"], "loss": loss.item(),
-                      **{k: v.item() for k, v in losses.items()}}
-            history.append(record)
-            for k, v in record.items():
+            lr = optimizer.param_groups[0]["lr"]
+            last = _mean_over_ranks(accelerator, {"loss": loss, **losses})
+            history.write(record(step, lr, last, time.monotonic() - started))
+            for k, v in last.items():
                 window[k].append(v)
-            if step % t.log_every == 0 or step == total:
-                means = {k: float(np.mean(v)) for k, v in window.items() if k not in ("step", "lr")}
-                log(f"step {step}/{total} epoch {step / iters_per_epoch:.2f} lr {record['lr']:.2e} "
-                    + " ".join(f"{k} {v:.4f}" for k, v in means.items()))
+            if t.log_with and (step % t.log_every == 0 or step == total):
+                accelerator.log({"lr": lr, **{k: float(np.mean(v)) for k, v in window.items()}}, step=step)
                 window.clear()
+            progress.update(1, epoch=f"{step / iters_per_epoch:.2f}", loss=last["loss"], lr=lr)
+            if t.save_every and step % t.save_every == 0 and step < total:
+                save(step)
+            if t.eval_every and step % t.eval_every == 0 and step < total:     # every rank: a barrier inside
+                _periodic_eval(accelerator, model, evaluate, step, evals, t)
             if step >= total:
                 break
-    last = {k: v for k, v in history[-1].items() if k not in ("step",)} if history else {}
-    return TrainOutcome(step, step / iters_per_epoch, time.perf_counter() - start, last, history)
+    progress.close()
+    save(step)
+    history.close()
+    outcome = TrainOutcome(step, step / iters_per_epoch, time.monotonic() - started, last, evals.rows,
+                           None if resume is None else str(resume))
+    return outcome
+
+
+def _mean_over_ranks(accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The step's losses averaged over processes (as pre-training logs them)."""
+    stacked = torch.stack([v.detach().float() for v in values.values()])
+    if accelerator.num_processes > 1:
+        stacked = accelerator.reduce(stacked, reduction="mean")
+    return dict(zip(values, stacked.tolist()))
+
+
+def _periodic_eval(accelerator, model, evaluate, step: int, evals: "EvalLog", t) -> None:
+    """Rank 0 evaluates while the others wait at the barrier (every rank calls this)."""
+    if accelerator.is_main_process and evaluate is not None:
+        inner = accelerator.unwrap_model(model)
+        try:
+            metrics = _preserving_rng(lambda: evaluate(inner, step))
+        finally:
+            model.train()
+        evals.write({"step": step, **metrics})
+        if t.log_with:
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    accelerator.wait_for_everyone()
+
+
+class EvalLog:
+    """``evals.jsonl``: the metrics of each periodic evaluation (rank 0),
+    trimmed to the resume step like history.jsonl."""
+
+    NAME = "evals.jsonl"
+
+    def __init__(self, out: Path, step: int, main: bool) -> None:
+        self.rows: list[dict] = []
+        self.main = main
+        self.path = Path(out) / self.NAME
+        if not main:
+            return
+        kept = lines_up_to(self.path, step, lambda ln: json.loads(ln)["step"]) if step else []
+        self.rows = [json.loads(ln) for ln in kept]
+        if kept or self.path.exists():          # no empty file for runs that never evaluate
+            with open(self.path, "w") as f:
+                f.write("".join(ln + "\n" for ln in kept))
+
+    def write(self, row: dict) -> None:
+        if not self.main:
+            return
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(dumps(row) + "\n")
 
 
 # --------------------------------------------------------------------------- inference
@@ -130,22 +289,20 @@ def _loader(items, batch_size: int, num_workers: int = 0) -> DataLoader:
 
 
 @torch.no_grad()
-def infer_gallery(model, protocol, device, batch_size: int = 2, cws: bool = True,
-                  log: Callable[[str], None] | None = None) -> dict[str, Detections]:
+def infer_gallery(model, protocol, device, batch_size: int = 2, cws: bool = True) -> dict[str, Detections]:
     """Detections of every gallery image: boxes, scores, features
     (unit embedding x score with CWS)."""
     model.eval()
     out: dict[str, Detections] = {}
     items = [(g.key, g.image) for g in protocol.gallery]
-    for images, keys in _loader(items, batch_size):
-        for key, det in zip(keys, model([i.to(device) for i in images])):
-            scores = det["scores"].float()
-            emb = det["embeddings"].float()
-            feats = emb * scores[:, None] if cws else emb
-            out[key] = Detections(det["boxes"].float().cpu().numpy(), scores.cpu().numpy(), feats.cpu().numpy())
-        every = max(1, len(items) // 10)
-        if log and (len(out) // every > (len(out) - len(keys)) // every or len(out) == len(items)):
-            log(f"gallery {len(out)}/{len(items)}")
+    with Progress(len(items), "gallery", unit="img", logger=logger) as meter:
+        for images, keys in _loader(items, batch_size):
+            for key, det in zip(keys, model([i.to(device) for i in images])):
+                scores = det["scores"].float()
+                emb = det["embeddings"].float()
+                feats = emb * scores[:, None] if cws else emb
+                out[key] = Detections(det["boxes"].float().cpu().numpy(), scores.cpu().numpy(), feats.cpu().numpy())
+            meter.update(len(keys))
     return out
 
 
@@ -195,10 +352,10 @@ def infer_query_context(model, protocol, query_feats: np.ndarray, device, suppre
 
 
 def run_inference(model, protocol, device, batch_size: int = 2, cbgm: bool = False,
-                  log: Callable[[str], None] = print) -> SearchInputs:
+                  log: Callable[[str], None] = logger.info) -> SearchInputs:
     """Everything the evaluator needs from a model, for one protocol."""
     t0 = time.perf_counter()
-    gallery = infer_gallery(model, protocol, device, batch_size, log=log)
+    gallery = infer_gallery(model, protocol, device, batch_size)
     queries = infer_queries(model, protocol, device, batch_size)
     context = None
     if cbgm:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import os
 import sys
 import uuid
 from pathlib import Path
 
+from data_prep.runlog import cli_logging, final_error, result
 from pretrain.config import ConfigError, load_config
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -59,33 +59,41 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.verify_shards:
         overrides.append("data.verify_shards=true")
-    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    with cli_logging(PROG, argv) as run:
+        code, out = _run(args, overrides, run)
+        if code == EXIT_OK:
+            result(f"run directory: {out}")
+    return code
+
+
+def _run(args, overrides: list[str], run) -> tuple[int, Path | None]:
+    """Train; ``(exit status, run directory)``.  Every line also lands in RUN/log.txt."""
+    def fail(code: int, line: str) -> tuple[int, None]:
+        final_error(line)
+        return code, None
+
     try:
         from pretrain.data import DataError
         from pretrain.train import TrainError, train
 
         cfg = load_config(args.config, overrides)
         check_output_dir(Path(cfg.train.output_dir))
+        run.to_folder(cfg.train.output_dir)
         out = train(cfg, resume=args.resume)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; continue with --resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return fail(EXIT_INTERRUPTED, f"{PROG}: interrupted; continue with --resume")
     except (ConfigError, DataError, TrainError) as e:
-        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(EXIT_USAGE, f"{PROG}: error: {one_line(e)}")
     except OSError as e:
         if os.environ.get(DEBUG_ENV):
             raise
-        print(f"{PROG}: error: {describe_os_error(e)}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(EXIT_USAGE, f"{PROG}: error: {describe_os_error(e)}")
     except Exception as e:
         if os.environ.get(DEBUG_ENV):
             raise
-        print(f"{PROG}: internal error: {type(e).__name__}: {one_line(e)} (set {DEBUG_ENV}=1 for the traceback)",
-              file=sys.stderr)
-        return EXIT_INTERNAL
-    print(f"run directory: {out}")
-    return EXIT_OK
+        return fail(EXIT_INTERNAL, f"{PROG}: internal error: {type(e).__name__}: {one_line(e)} "
+                                   f"(set {DEBUG_ENV}=1 for the traceback)")
+    return EXIT_OK, out
 
 
 def one_line(e: BaseException) -> str:

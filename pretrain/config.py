@@ -54,10 +54,10 @@ class TrainConfig:
     mixed_precision: str = "no"         # "no" | "fp16" | "bf16"
     sync_bn: bool = False               # convert BatchNorm to SyncBatchNorm when world > 1
     log_with: str | None = "tensorboard"
-    log_every: int = 10                 # tracker logging period (losses.jsonl gets every step)
+    log_every: int = 10                 # tracker logging period (history.jsonl gets every step)
     save_every: int = 500               # checkpoint period in steps; 0 = only at the end
     total_limit: int = 2                # checkpoints kept
-    progress: bool = True
+    progress: bool = True               # bar on a terminal; false: plain lines there too (as when piped)
 
 
 @dataclass

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from data_prep.runlog import dumps
 from pretrain.config import PretrainConfig, dump_config
+from pretrain.history import HISTORY_NAME
 
 OIM_PREFIX = "roi_heads.reid_loss."
 
@@ -75,9 +77,9 @@ def export_run(hybrid: torch.nn.Module, cfg: PretrainConfig, source, out: Path, 
         "world_size": world_size,
         "distributed_type": distributed_type,
         "final_losses": final_losses,
-        "loss_history": "losses.jsonl",
+        "loss_history": HISTORY_NAME,
     }
-    _atomic(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    _atomic(out / "meta.json", lambda p: p.write_text(dumps(meta, indent=1)))
 
 
 def _atomic(path: Path, write) -> None:

@@ -11,6 +11,9 @@ wrong with accelerate + webdataset (measured, see the README, "Pre-training"):
 * the scheduler steps once per optimizer step whatever the world size
   (``step_scheduler_with_optimizer=False``: accelerate would otherwise step
   it ``num_processes`` times per call);
+* progress follows data_prep/runlog.py (a bar on a terminal, periodic plain
+  lines with step, loss, speed, ETA and memory otherwise; both in log.txt), and
+  every step goes to ``history.jsonl`` (pretrain/history.py, shared with finetune);
 * a checkpoint (pretrain/state.py, not ``save_state``: no pickle, and
   crash-safe with ``total_limit``) carries the model (with the OIM LUT/queue
   buffers), optimizer, scheduler, RNG states, the loader position and the
@@ -20,22 +23,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
-import os
+import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
-from tqdm.auto import tqdm
 
+from data_prep.runlog import Progress, dumps
 from pretrain.augment import ViewParams
 from pretrain.config import PretrainConfig, dump_config, to_dict
 from pretrain.data import PretrainLoader, ShardSource, open_source
 from pretrain.export import export_run
 from pretrain.guard import end_distributed, nonfinite_losses, nonfinite_parameters
+from pretrain.history import History, lines_up_to, record
 from pretrain.hybrid import HybridModel
 from pretrain.losses.oim import init_sync_group
 from pretrain.model.norm import convert_sync_batchnorm
@@ -247,14 +250,15 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
             state.step = load_checkpoint(accelerator, start_from, model, optimizer, scheduler, loader)
         except CheckpointError as e:
             raise TrainError(str(e)) from None
-        accelerator.print(f"resumed from {start_from} at step {state.step} "
-                          f"(epoch {loader.epoch}, batch {loader.consumed})")
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", start_from, state.step, loader.epoch,
+                 loader.consumed)
 
-    history = _open_history(out, state.step, accelerator.is_main_process)
+    history = History(out, state.step, accelerator.is_main_process)
     keys_log = _open_keys_log(out, accelerator.process_index, state.step)
-    progress = tqdm(total=t.max_steps, initial=state.step, desc="pretrain",
-                    # None = off when stderr is not a terminal (logs stay readable)
-                    disable=None if (t.progress and accelerator.is_local_main_process) else True)
+    # a bar on a terminal (train.progress: false turns it off), else plain lines (data_prep/runlog.py)
+    progress = Progress(t.max_steps, "step", unit="step", initial=state.step, logger=log, memory=True,
+                        bar=None if (t.progress and accelerator.is_local_main_process) else False)
+    started = time.monotonic() - history.elapsed_before
     window: dict[str, list[float]] = {}
     model.train()
     batches = iter(loader)
@@ -279,9 +283,8 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
         diverged = nonfinite_losses(accelerator, window)
         window.clear()
         last["lr"] = scheduler.get_last_lr()[0]
-        if accelerator.is_main_process:
-            history.write(json.dumps({"step": state.step, **last}) + "\n")
-            history.flush()
+        history.write(record(state.step, last["lr"], {k: v for k, v in last.items() if k != "lr"},
+                             time.monotonic() - started))
         if diverged:
             kept = complete_checkpoints(out)
             raise TrainError(f"step {state.step}: non-finite loss ({', '.join(diverged)}); stopped without saving "
@@ -289,8 +292,7 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
                              f"{kept[-1] if kept else 'none'}")
         if t.log_with and (state.step % t.log_every == 0 or state.step == t.max_steps):
             accelerator.log(last, step=state.step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{last['loss']:.3f}")
+        progress.update(1, loss=last["loss"], lr=last["lr"])
         if t.save_every and state.step % t.save_every == 0 and state.step < t.max_steps:
             save(accelerator, out, model, optimizer, scheduler, loader, state.step, resume_cfg, t)
     progress.close()
@@ -299,10 +301,10 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
     save(accelerator, out, model, optimizer, scheduler, loader, state.step, resume_cfg, t)
     accelerator.wait_for_everyone()
     _write_rank_report(out, accelerator, model, state.step)
+    history.close()
     if accelerator.is_main_process:
-        history.close()
         export_run(accelerator.unwrap_model(model), cfg, source, out, steps=state.step, final_losses=last,
-                   world_size=accelerator.num_processes, distributed_type=str(accelerator.distributed_type))
+                   world_size=accelerator.num_processes, distributed_type=_enum_value(accelerator.distributed_type))
     del model, optimizer, scheduler, loader
     end_distributed(accelerator)
     return out
@@ -324,46 +326,12 @@ def _reduce_means(accelerator: Accelerator, window: dict[str, list[float]]) -> d
     return {n: float(v) for n, v in zip(names, mean.tolist())}
 
 
-def _open_history(out: Path, step: int, main: bool):
-    """``losses.jsonl`` (main process): every step's losses; on resume, lines
-    after the checkpoint's step are dropped so the file stays one trajectory."""
-    path = out / "losses.jsonl"
-    if not main:
-        return open(os.devnull, "w")
-    kept = _lines_up_to(path, step, lambda ln: json.loads(ln)["step"]) if step else []
-    f = open(path, "w")
-    f.write("".join(ln + "\n" for ln in kept))
-    return f
-
-
-def _lines_up_to(path: Path, step: int, step_of) -> list[str]:
-    """Lines of a per-step log with step <= ``step``.  A line that does not
-    parse (the half-written last line of a killed run) is dropped with a
-    warning instead of stopping the resume."""
-    if not path.is_file():
-        return []
-    kept, dropped = [], 0
-    for ln in path.read_text(errors="replace").splitlines():
-        if not ln:
-            continue
-        try:
-            s = step_of(ln)
-        except (ValueError, KeyError, TypeError, IndexError):
-            dropped += 1
-            continue
-        if isinstance(s, int) and s <= step:
-            kept.append(ln)
-    if dropped:
-        log.warning("%s: dropped %d unreadable line(s) (a run killed while writing it)", path, dropped)
-    return kept
-
-
 def _open_keys_log(out: Path, rank: int, step: int):
     """``ranks/keys_rank<r>.tsv``: step and sample key of every sample this
     rank trained on (audit trail for the no-duplicate / full-coverage checks)."""
     path = out / "ranks" / f"keys_rank{rank}.tsv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    kept = _lines_up_to(path, step, lambda ln: int(ln.split("\t")[0])) if step else []
+    kept = lines_up_to(path, step, lambda ln: int(ln.split("\t")[0])) if step else []
     f = open(path, "w")
     f.write("".join(ln + "\n" for ln in kept))
     return f
@@ -377,7 +345,12 @@ def _write_rank_report(out: Path, accelerator: Accelerator, model, steps: int) -
     params = torch.cat([p.detach().float().reshape(-1).cpu() for p in inner.parameters()])
     report = {
         "rank": accelerator.process_index, "world_size": accelerator.num_processes,
-        "distributed_type": str(accelerator.distributed_type), "steps": steps,
+        "distributed_type": _enum_value(accelerator.distributed_type), "steps": steps,
         "lut_sha256": _sha(reid.lut), "cq_sha256": _sha(reid.cq), "params_sha256": _sha(params),
     }
-    (out / "ranks" / f"rank{accelerator.process_index}.json").write_text(json.dumps(report, indent=1))
+    (out / "ranks" / f"rank{accelerator.process_index}.json").write_text(dumps(report, indent=1))
+
+
+def _enum_value(value) -> str:
+    """``DistributedType.NO`` -> ``"NO"``: a plain string in JSON files."""
+    return str(getattr(value, "value", value))

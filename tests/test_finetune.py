@@ -356,15 +356,17 @@ def test_accelerate_launch_two_processes(prw, tmp_path):
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune", "train", "--dataset", "prw",
            "--root", str(root), "--config", str(TINY), "--init", "none", "--out", str(tmp_path / "run"),
-           "--max-steps", "2", *FAST]
+           "--max-steps", "2", "--eval-every", "1", *FAST]       # rank 0 evaluates at step 1, rank 1 waits
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "2 process(es), DistributedType.MULTI_CPU" in proc.stdout
+    assert "2 process(es), DistributedType.MULTI_CPU" in proc.stderr      # the log: stderr
     records, _ = load_train_records("prw", root)
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     # each rank sees half the images: an epoch is ceil(n / 2 / batch) steps
     per_rank_steps = -(-(-(-len(records) // 2)) // 2)
     assert meta["steps"] == 2 and meta["epochs"] == pytest.approx(2 / per_rank_steps, abs=1e-3)
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()] == [1]
+    assert (tmp_path / "run" / "eval_prw" / "metrics.json").is_file()
 
 
 def test_inference_feeds_the_evaluator_with_cbgm_context(prw):

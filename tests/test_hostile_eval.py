@@ -37,9 +37,11 @@ def prw(tmp_path_factory):
 
 
 def one_line_error(capsys) -> str:
+    """The one error line; the run's log lines ("python -m finetune: ...") may precede it."""
     err = capsys.readouterr().err.strip()
-    assert err and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
+    lines = [ln for ln in err.splitlines() if not ln.startswith("python -m finetune: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
 
 
 def eval_argv(root, results, out, *extra):

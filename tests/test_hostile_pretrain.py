@@ -184,7 +184,7 @@ def test_sigkill_between_new_and_old_checkpoint_keeps_a_resumable_one(build, tmp
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "checkpoint_0 at step 1" in resumed.stdout + resumed.stderr
     assert [p.name for p in ckpts.iterdir()] == ["checkpoint_2"]        # limit 1, partial cleaned up
-    assert [json.loads(ln)["step"] for ln in (out / "losses.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(ln)["step"] for ln in (out / "history.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert (out / "model.safetensors").is_file()
 
 
@@ -205,7 +205,7 @@ def test_half_written_and_truncated_checkpoints_fall_back(trained, build, tmp_pa
     (half / COMPLETE).unlink()
     model = ckpts / "checkpoint_1" / "model.safetensors"   # complete, then truncated on disk
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
-    with open(run_dir / "losses.jsonl", "a") as f:      # a killed run's half-written last lines
+    with open(run_dir / "history.jsonl", "a") as f:      # a killed run's half-written last lines
         f.write('{"step": 3, "loss": 1.2')
     with open(run_dir / "ranks" / "keys_rank0.tsv", "a") as f:
         f.write("3\tdetA-tr")
@@ -216,7 +216,7 @@ def test_half_written_and_truncated_checkpoints_fall_back(trained, build, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checkpoint_0 at step 1" in proc.stdout + proc.stderr
     assert "incomplete" in proc.stderr and "truncated" in proc.stderr and "dropped 1 unreadable" in proc.stderr
-    assert [json.loads(ln)["step"] for ln in (run_dir / "losses.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(ln)["step"] for ln in (run_dir / "history.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 def test_export_files_appear_whole_or_not_at_all(tmp_path):
@@ -503,7 +503,7 @@ def test_interrupt_exits_130(build, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 90
-        while not (out / "losses.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        while not (out / "history.jsonl").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
@@ -530,5 +530,5 @@ def test_internal_errors_exit_1_with_traceback_only_in_debug(build, tmp_path, ca
 
 def test_finite_values_only_in_logged_json(trained):
     """Sanity for the checks above: the reference run's losses are finite."""
-    rows = [json.loads(ln) for ln in (trained / "losses.jsonl").read_text().splitlines()]
+    rows = [json.loads(ln) for ln in (trained / "history.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in rows)

@@ -47,7 +47,7 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
 
 def dumps_json(obj) -> str:
     """Deterministic JSON (sorted keys) so identical builds give identical files."""
-    return json.dumps(obj, indent=1, sort_keys=True) + "\n"
+    return json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n"     # NaN is not JSON
 
 
 def atomic_write_json(path: Path, obj, durable: bool = True) -> None:

@@ -4,6 +4,7 @@ process pool and write shards in order, then write the manifest last."""
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing as mp
 import os
 import re
@@ -13,9 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from tqdm import tqdm
-
 from .. import manifest as mf
+from ..runlog import LOG_NAME, Progress, log_to_folder
 from ..imageio import ImageError
 from .encode import Dropped, EncodeSettings, Job, Sample, init_worker, reload_passthrough, run_job
 from .files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json
@@ -25,6 +25,7 @@ from .plan import (DatasetPlan, SplitPlan, StrictSkip, check_sources, load_modul
 from .shards import (JOURNAL_NAME, LEGACY_JOURNAL_NAME, Counts, Journal, ShardEntry, ShardSink, SplitProgress,
                      journal_shard_paths, shard_name)
 
+_logger = logging.getLogger(__name__)
 STATE_NAME = "build.json"
 # Test hook: stall (sleep) right after the Nth sample is written, with the
 # shard's .tmp flushed, so a test can SIGKILL a build at a known point.
@@ -136,7 +137,7 @@ def prepare_out_dir(out: Path, spec: dict, fp: str, overwrite: bool) -> None:
                     f"resume, add --overwrite to rebuild, or pick another OUT_DIR."
                 )
             _clear_previous(out, names | {n for n, _ in old.get("spec", {}).get("sources", [])})
-    elif any(p.name != LOCK_NAME for p in out.iterdir()):
+    elif any(p.name not in (LOCK_NAME, LOG_NAME) for p in out.iterdir()):
         if not overwrite:
             raise BuildError(f"{out} is not empty and holds no data_prep build; pick an empty OUT_DIR "
                              f"or add --overwrite (only files a build writes are removed)")
@@ -393,6 +394,7 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> dict:
 
 def _run_locked(opts: BuildOptions, out: Path, splits, spec: dict, fp: str, log) -> dict:
     prepare_out_dir(out, spec, fp, opts.overwrite)
+    log_to_folder(out)
 
     log("planning (annotations only):")
     for name, _ in opts.sources:
@@ -418,9 +420,9 @@ def _write_all(opts: BuildOptions, out: Path, datasets: list[DatasetPlan], journ
     settings = EncodeSettings(opts.jpeg_quality, opts.canvas, opts.seed, ship_passthrough=opts.workers <= 1,
                               max_pixels=opts.max_pixels, verify_decode=opts.verify_decode, max_side=opts.max_side)
     stall = _Stall()
-    with job_runner(opts.workers, settings) as run, tqdm(
-        total=todo, unit="img", file=sys.stderr, disable=not opts.progress, mininterval=0.5, desc="images"
-    ) as bar:
+    # a bar on a terminal, else a plain line (count, rate, ETA) every HYBRIDPS_LOG_INTERVAL seconds
+    with job_runner(opts.workers, settings) as run, Progress(todo, "images", unit="img", logger=_logger,
+                                                           show=opts.progress) as bar:
         for ds in datasets:
             for sp in ds.splits:
                 write_split(out, ds, sp, journals[ds.name], run, bar, opts, stall)
