@@ -72,13 +72,14 @@ class TrainOutcome:
 
 
 def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: FinetuneTrainConfig, accelerator,
-               log: Callable[[str], None] = print) -> TrainOutcome:
-    """Run the schedule of ``t`` on ``dataset``; ``model`` is trained in place."""
+               log: Callable[[str], None] = print, make_optimizer=build_optimizer) -> TrainOutcome:
+    """Run the schedule of ``t`` on ``dataset``; ``model`` is trained in place.
+    ``make_optimizer(model, t)``: NAE's SGD unless a method brings its own (PSDiff: AdamW)."""
     generator = torch.Generator().manual_seed(t.seed)
     loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, collate_fn=collate,
                         num_workers=t.num_workers, generator=generator, drop_last=False,
                         persistent_workers=t.num_workers > 0)
-    optimizer = build_optimizer(model, t)
+    optimizer = make_optimizer(model, t)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     init_sync_group()     # the OIM table sync's own process group: a collective, so at setup
     iters_per_epoch = len(loader)
