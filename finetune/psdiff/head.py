@@ -9,9 +9,15 @@ its re-ID feature F_r [N, C] (a projection of the current embedding signal), the
   as keys/values (detection -> re-ID);
 * F_c = [F_d', F_r'] (N, 2C), modulated by the time embedding (scale/shift, DiffusionDet);
 * cascaded prediction: F_c -> embedding e0_hat first, then F_o = e0_hat -> person logit and
-  box deltas (seed IV-B3b: the detection head reads the predicted embedding).
+  box deltas (seed IV-B3b: the detection head reads the predicted embedding).  With
+  ``det_reads_collab`` (our default) the detection head reads [e0_hat, F_c]: read literally,
+  F_o = e0_hat gives every proposal on the same person the same input once the embeddings
+  match the teacher, so neither the score nor the box deltas can depend on where the proposal
+  lies (a one-box overfit does not learn its box; see tests/test_psdiff.py).
 
-Our choices (the seed gives no numbers): the RoI-mean token for the self-attention, one
+Our choices (the seed gives no numbers): the RoI-mean token plus a linear embedding of the
+proposal's normalised cxcywh for the self-attention (RoI content alone does not say where a
+proposal lies, which slows learning from scratch on small data), one
 query token per proposal in the cross-attention, Sparse R-CNN's two-layer dynamic conv
 (C -> dim_dynamic -> C), its box-delta parametrisation (weights 2,2,1,1) and Xavier init.
 """
@@ -82,9 +88,11 @@ class CDLStage(nn.Module):
     """One Collaborative Denoising Layer stage; see the module docstring."""
 
     def __init__(self, dim: int, emb_dim: int, dim_dynamic: int, heads: int, pooler_size: int,
-                 dropout: float = 0.0, prior_prob: float = 0.01) -> None:
+                 dropout: float = 0.0, prior_prob: float = 0.01, det_reads_collab: bool = True) -> None:
         super().__init__()
+        self.det_reads_collab = det_reads_collab
         self.emb_in = nn.Linear(emb_dim, dim)                      # F_r from the embedding signal
+        self.box_in = nn.Linear(4, dim)                            # where the proposal is (ours)
         self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm_sa = nn.LayerNorm(dim)
         self.dynamic = DynamicConv(dim, dim_dynamic, pooler_size)
@@ -98,7 +106,8 @@ class CDLStage(nn.Module):
         # cascaded prediction: embedding first, then the detection head reads it
         self.emb_head = nn.Sequential(nn.Linear(2 * dim, dim), nn.LayerNorm(dim), nn.ReLU(inplace=True),
                                       nn.Linear(dim, emb_dim))
-        self.det_in = nn.Sequential(nn.Linear(emb_dim, dim), nn.LayerNorm(dim), nn.ReLU(inplace=True))
+        det_width = emb_dim + 2 * dim if det_reads_collab else emb_dim
+        self.det_in = nn.Sequential(nn.Linear(det_width, dim), nn.LayerNorm(dim), nn.ReLU(inplace=True))
         self.cls_tower = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), nn.ReLU(inplace=True))
         self.reg_tower = nn.Sequential(nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), nn.ReLU(inplace=True),
                                        nn.Linear(dim, dim, bias=False), nn.LayerNorm(dim), nn.ReLU(inplace=True))
@@ -111,14 +120,14 @@ class CDLStage(nn.Module):
         nn.init.zeros_(self.box_delta.weight)
         nn.init.zeros_(self.box_delta.bias)
 
-    def forward(self, roi: torch.Tensor, emb_signal: torch.Tensor, boxes: torch.Tensor, time_feat: torch.Tensor,
-                batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """roi [B*N, S*S, C], emb_signal [B*N, D], boxes [B*N, 4], time_feat [B, 4C]
-        -> (logits [B*N], boxes [B*N, 4], raw embeddings [B*N, D])."""
+    def forward(self, roi: torch.Tensor, emb_signal: torch.Tensor, boxes: torch.Tensor, box_geom: torch.Tensor,
+                time_feat: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """roi [B*N, S*S, C], emb_signal [B*N, D], boxes [B*N, 4] (pixels), box_geom [B*N, 4] (cxcywh
+        / image size), time_feat [B, 4C] -> (logits [B*N], boxes [B*N, 4], raw embeddings [B*N, D])."""
         n_all, _, dim = roi.shape
         f_r = self.emb_in(emb_signal)
         # detection branch: self-attention over the proposals of each image ...
-        tok = roi.mean(dim=1).view(batch, n_all // batch, dim)
+        tok = (roi.mean(dim=1) + self.box_in(box_geom)).view(batch, n_all // batch, dim)
         tok = self.norm_sa(tok + self.self_attn(tok, tok, tok, need_weights=False)[0]).reshape(n_all, dim)
         # ... then dynamic convolution with kernels from the re-ID feature
         f_d = self.norm_dc(tok + self.dynamic(roi, f_r))
@@ -129,7 +138,7 @@ class CDLStage(nn.Module):
         scale, shift = self.time_scale_shift(time_feat).repeat_interleave(n_all // batch, dim=0).chunk(2, dim=-1)
         f_c = f_c * (scale + 1) + shift
         emb = self.emb_head(f_c)
-        f_o = self.det_in(emb)
+        f_o = self.det_in(torch.cat([emb, f_c], dim=-1) if self.det_reads_collab else emb)
         logits = self.cls_logit(self.cls_tower(f_o)).squeeze(-1)
         new_boxes = apply_deltas(self.box_delta(self.reg_tower(f_o)), boxes.detach())
         return logits, new_boxes, emb

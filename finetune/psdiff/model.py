@@ -12,6 +12,7 @@ Key layout: ``backbone.*`` (the registry trunk, conv1..layer3), ``backbone_c5.la
 """
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections import OrderedDict
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, batched_nms, box_iou
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, batched_nms, box_convert, box_iou
 
 from finetune.psdiff.config import PSDiffModelConfig
 from finetune.psdiff.diffusion import DualNoiseGenerator, boxes_to_signal, signal_to_boxes, unit_to_signal
@@ -60,10 +61,12 @@ class PSDiff(nn.Module):
         self.pooler = MultiScaleRoIAlign(list(LEVELS), cfg.pooler_size, cfg.sampling_ratio)
         self.time_mlp = time_mlp(cfg.dim)
         self.stages = nn.ModuleList(CDLStage(cfg.dim, cfg.emb_dim, cfg.dim_dynamic, cfg.heads, cfg.pooler_size,
-                                             cfg.dropout, cfg.prior_prob) for _ in range(cfg.num_stages))
+                                             cfg.dropout, cfg.prior_prob, cfg.det_reads_collab)
+                                    for _ in range(cfg.num_stages))
         self.diffusion = DualNoiseGenerator(cfg.timesteps, cfg.n_train, cfg.box_scale, cfg.emb_scale)
         self.loss_weights: dict[str, float] = {}       # the matching cost's weights (= train.loss_weights)
         self.__dict__["_teacher"] = None              # not a submodule: no state_dict, no optimizer
+        self._cache: dict = {}                         # eval only: image digest -> sampled detections
         if cfg.freeze_stem:
             for module in parts.stem:
                 module.requires_grad_(False)
@@ -76,6 +79,7 @@ class PSDiff(nn.Module):
     # ------------------------------------------------------------------ plumbing
     def train(self, mode: bool = True) -> "PSDiff":
         super().train(mode)
+        self._cache.clear()
         for module in self.modules():
             if getattr(module, "_hybridps_frozen", False):
                 module.train(False)
@@ -115,12 +119,14 @@ class PSDiff(nn.Module):
         """boxes [B,N,4] xyxy pixels, emb_signal [B,N,D], t [B] -> per stage (logits [B,N], boxes, raw emb)."""
         b, n = boxes.shape[:2]
         time_feat = self.time_mlp(t)
+        whwh = boxes.new_tensor([[s[1], s[0], s[1], s[0]] for s in image_sizes])
         flat_boxes, flat_emb = boxes.reshape(b * n, 4), emb_signal.reshape(b * n, -1)
         outs = []
         for stage in self.stages:
             roi = self.pooler(feats, list(flat_boxes.view(b, n, 4).unbind(0)), image_sizes)
             roi = roi.flatten(2).transpose(1, 2)
-            logits, new_boxes, emb = stage(roi, flat_emb, flat_boxes, time_feat, b)
+            geom = box_convert(flat_boxes.view(b, n, 4) / whwh[:, None], "xyxy", "cxcywh").reshape(b * n, 4)
+            logits, new_boxes, emb = stage(roi, flat_emb, flat_boxes, geom, time_feat, b)
             outs.append((logits.view(b, n), new_boxes.view(b, n, 4), emb.view(b, n, -1)))
             flat_boxes = new_boxes.detach()
             flat_emb = unit_to_signal(emb.detach(), self.cfg.emb_scale)
@@ -134,8 +140,22 @@ class PSDiff(nn.Module):
             return self._train_forward(images, targets)
         original = [tuple(i.shape[-2:]) for i in images]
         image_list, _ = self.transform(list(images))
-        dets = self.sample(images, image_list)
+        dets = [{k: d[k] for k in ("boxes", "scores", "embeddings")} for d in self.sample_cached(images, image_list)]
         return self.transform.postprocess(dets, image_list.image_sizes, original)
+
+    def sample_cached(self, images, image_list) -> list[dict]:
+        """:meth:`sample`, remembered per image in eval mode: the query pass reuses the gallery
+        pass's sampling of the same frame (sampling noise is seeded by the image content, so the
+        result is the same)."""
+        if self.training:
+            return self.sample(images, image_list, keep_all=True)
+        keys = [(hashlib.blake2b(img.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest(),
+                 tuple(img.shape), repr(self.cfg)) for img in images]
+        if not all(k in self._cache for k in keys):
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache.update(zip(keys, self.sample(images, image_list, keep_all=True)))
+        return [self._cache[k] for k in keys]
 
     @torch.no_grad()
     def teacher_embeddings(self, images, targets) -> list[torch.Tensor]:
@@ -182,12 +202,10 @@ class PSDiff(nn.Module):
         xb = torch.stack([torch.randn(n, 4, generator=g) for g in gens]).to(ref)
         xe = torch.stack([torch.randn(n, cfg.emb_dim, generator=g) for g in gens]).to(ref)
         collected: list[list[tuple]] = [[] for _ in images]
-        last = None
         for t, t_next in diff.ddim_times(cfg.ddim_steps):
             boxes = torch.stack([signal_to_boxes(xb[i], whs[i], cfg.box_scale) for i in range(len(images))])
             tt = torch.full((len(images),), t, dtype=torch.long, device=ref.device)
             logits, pboxes, pemb = self.denoise(feats, boxes, xe, tt, image_list.image_sizes)[-1]
-            last = (logits, pboxes, pemb)
             if cfg.ensemble or t_next < 0:
                 for i in range(len(images)):
                     collected[i].append((pboxes[i], logits[i].sigmoid(), pemb[i]))
@@ -233,7 +251,7 @@ class PSDiff(nn.Module):
         box-conditioned feature path, and PSTR-style DETR searchers do the same)."""
         original = [tuple(i.shape[-2:]) for i in images]
         image_list, _ = self.transform(list(images))
-        dets = self.sample(images, image_list, keep_all=True)
+        dets = self.sample_cached(images, image_list)
         out = []
         for det, qboxes, old, new in zip(dets, boxes_list, original, image_list.image_sizes):
             ry, rx = new[0] / old[0], new[1] / old[1]
