@@ -40,6 +40,7 @@ class PSDiffModelConfig:
     sampling_ratio: int = 2
     dropout: float = 0.0
     prior_prob: float = 0.01
+    match_dynamic_k: bool = True          # ours (DiffusionDet's matcher); false = one-to-one (the seed)
     det_reads_collab: bool = True         # ours: detection head reads [e0_hat, F_c]; false = F_o = e0_hat only
     emb_dim: int = 256                    # set from the teacher at training time
     timesteps: int = 1000                 # DiffusionDet

@@ -179,7 +179,8 @@ class PSDiff(nn.Module):
         outs = self.denoise(feats, torch.stack(boxes), torch.stack(embs), torch.stack(ts), image_list.image_sizes)
         total: dict[str, torch.Tensor] = {}
         for logits, pred_boxes, pred_emb in outs:           # deep supervision: every stage
-            for k, v in set_losses(logits, pred_boxes, pred_emb, loss_targets, self.loss_weights).items():
+            for k, v in set_losses(logits, pred_boxes, pred_emb, loss_targets, self.loss_weights,
+                                         self.cfg.match_dynamic_k).items():
                 total[k] = total[k] + v if k in total else v
         return total
 
