@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, box_iou
 
 from data_prep.synth import prw as synth_prw
 from finetune import cli
@@ -282,3 +282,87 @@ def test_cli_refusals(prw, tmp_path, capsys):
     assert cli.main(["eval", "--dataset", "prw", "--root", str(root), "--results", str(tmp_path / "r18.pth"),
                      "--ddim-steps", "1"]) == 2
     assert "PSDiff runs only" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- DDIM sampling
+def _contracting_denoiser(model, gt: torch.Tensor, gt_emb: torch.Tensor, perfect: bool = False, low_score: int = 0):
+    """A stand-in for the trained stages whose x0 estimate is alpha-bar_t of the way from the
+    input box to the person (uninformative at t = T, exact at t = 0; ``perfect``: always
+    exact): what is tested is the DDIM loop, the renewal and the query path (the tiny network
+    cannot be trained into a useful denoiser within a unit test's CPU budget; see the README)."""
+    def denoise(feats, boxes, emb_signal, t, image_sizes):
+        ab = 1.0 if perfect else model.diffusion.alphas_cumprod[t].to(boxes)[:, None, None]
+        pred = boxes + ab * (gt.to(boxes) - boxes)
+        logits = torch.full(boxes.shape[:2], 6.0)
+        logits[:, :low_score] = -6.0                   # these proposals are renewed each step
+        return [(logits, pred, gt_emb.expand(*boxes.shape[:2], -1))]
+    model.denoise = denoise
+    return model
+
+
+def test_ddim_refines_with_more_steps_and_renews_low_scores():
+    torch.manual_seed(0)
+    model = build_psdiff(tiny_psdiff(emb_dim=8, n_test=6, ddim_eta=0.0, ensemble=False, box_renewal=True,
+                                     nms_thresh=1.0, detections_per_img=6)).eval()
+    image = torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(3))
+    gt = torch.tensor([24.0, 16.0, 44.0, 56.0])        # 64x80 stays 64x80 (min_size 64)
+    gt_emb = torch.nn.functional.normalize(torch.ones(8), dim=0)
+    _contracting_denoiser(model, gt, gt_emb)
+    ious = {}
+    for k in (1, 2, 4, 8):
+        model.cfg = dataclasses.replace(model.cfg, ddim_steps=k)
+        model._cache.clear()
+        det = model([image])[0]
+        assert det["boxes"].shape[0] == 6
+        ious[k] = float(box_iou(det["boxes"], gt[None]).mean())
+    assert ious[1] < ious[2] < ious[4] < ious[8] and ious[8] > 0.9, ious
+    # a perfect denoiser lands on the person in one step
+    _contracting_denoiser(model, gt, gt_emb, perfect=True)
+    model.cfg, model._cache = dataclasses.replace(model.cfg, ddim_steps=1), {}
+    assert torch.allclose(model([image])[0]["boxes"], gt.expand(6, 4), atol=1e-3)
+    # renewal: the low-scored half is replaced by fresh noise at every step (the kept boxes move
+    # to the front, so each proposal is refined from the previous step only); the set stays full
+    _contracting_denoiser(model, gt, gt_emb, low_score=3)
+    model.cfg, model._cache = dataclasses.replace(model.cfg, ddim_steps=8, score_thresh=0.5), {}
+    det = model([image])[0]
+    assert det["boxes"].shape[0] == 3 and float(box_iou(det["boxes"], gt[None]).min()) > 0.8
+    q = model.extract_query([image], [gt[None]])[0]
+    assert torch.allclose(q[0], gt_emb, atol=1e-5)
+
+
+def test_tiny_overfit_lowers_the_loss_and_steps_differ(one_thread):
+    """The real network on one image: training lowers the box and re-ID losses of a fixed
+    noise draw, and 1 vs 4 DDIM steps give different detections."""
+    torch.manual_seed(0)
+    teacher = build_search_model(tiny_config(min_size=64, max_size=96))
+    model = build_psdiff(tiny_psdiff(n_train=4, n_test=4, num_stages=1))
+    model.set_teacher(teacher)
+    model.loss_weights = dict(WEIGHTS)
+    image = torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(0)) * 0.2
+    image[:, 16:56, 24:44] = torch.tensor([0.9, 0.2, 0.2])[:, None, None]
+    target = [{"boxes": torch.tensor([[24.0, 16.0, 44.0, 56.0]]), "pids": torch.tensor([0])}]
+
+    def fixed_loss():
+        torch.manual_seed(123)                          # same t and noise every time
+        return model([image], target)
+
+    model.train()
+    with torch.no_grad():
+        start = fixed_loss()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(40):
+        torch.manual_seed(123)
+        losses = model([image], target)
+        opt.zero_grad()
+        sum(WEIGHTS[k] * v for k, v in losses.items()).backward()
+        opt.step()
+    with torch.no_grad():
+        end = fixed_loss()
+    assert float(end["loss_reid"]) < 0.5 * float(start["loss_reid"])
+    assert float(end["loss_l1"] + end["loss_giou"]) < 0.5 * float(start["loss_l1"] + start["loss_giou"])
+    model.eval()
+    out = {}
+    for k in (1, 4):
+        model.cfg = dataclasses.replace(model.cfg, ddim_steps=k)
+        out[k] = model([image])[0]["boxes"]
+    assert out[1].shape != out[4].shape or not torch.allclose(out[1], out[4])
