@@ -42,6 +42,18 @@ def nae_result(ablation: Path, name: str, seed: int) -> dict:
     return {"mAP": 100 * m["search"]["mAP"], "top1": 100 * m["search"]["top1"], "det_ap": 100 * m["detection"]["ap"]}
 
 
+def partial_result(runner: Runner, name: str, seed: int) -> dict:
+    """The DDIM step counts whose evaluation finished (``OUT/.../eval/ddim<k>/metrics.json``)."""
+    out = {}
+    for k in DDIM_STEPS:
+        path = runner.out / "psdiff" / f"{name}_s{seed}" / "eval" / f"ddim{k}" / "metrics.json"
+        if path.is_file():
+            m = json.loads(path.read_text())
+            out[str(k)] = {"mAP": 100 * m["search"]["mAP"], "top1": 100 * m["search"]["top1"],
+                           "det_ap": 100 * m["detection"]["ap"]}
+    return out
+
+
 def psdiff_job(runner: Runner, ablation: Path, name: str, seed: int, steps: int) -> dict:
     init_kind, teacher_kind = PSDIFF_ROWS[name]
     out = runner.out / "psdiff" / f"{name}_s{seed}"
@@ -66,13 +78,16 @@ def psdiff_job(runner: Runner, ablation: Path, name: str, seed: int, steps: int)
 
 
 def comparisons(names: set[str]) -> list[tuple[str, str, str]]:
-    pairs = [("psdiff_full@8", "nae_full", "PSDiff (8 DDIM steps) vs NAE, both from our pre-trained init"),
-             ("psdiff_random@8", "nae_random", "PSDiff (8 DDIM steps) vs NAE, both from random init"),
-             ("psdiff_full@8", "psdiff_random@8", "our pre-trained vs random init, PSDiff"),
-             ("psdiff_full@8", "psdiff_full@1", "8 vs 1 DDIM steps (pre-trained init)"),
-             ("psdiff_random@8", "psdiff_random@1", "8 vs 1 DDIM steps (random init)"),
-             ("psdiff_full_tpre@8", "psdiff_full@8", "teacher: pre-training run vs fine-tuned NAE"),
-             ("nae_full", "nae_random", "our pre-trained vs random init, NAE (the ablation's runs)")]
+    pairs = []
+    for k in DDIM_STEPS:
+        pairs += [(f"psdiff_full@{k}", "nae_full", f"PSDiff ({k} DDIM steps) vs NAE, both from our pre-trained init"),
+                  (f"psdiff_random@{k}", "nae_random", f"PSDiff ({k} DDIM steps) vs NAE, both from random init"),
+                  (f"psdiff_full@{k}", f"psdiff_random@{k}", f"our pre-trained vs random init, PSDiff ({k} steps)")]
+    for k in DDIM_STEPS[1:]:
+        pairs += [(f"psdiff_full@{k}", "psdiff_full@1", f"{k} vs 1 DDIM steps (pre-trained init)"),
+                  (f"psdiff_random@{k}", "psdiff_random@1", f"{k} vs 1 DDIM steps (random init)")]
+    pairs += [("psdiff_full_tpre@8", "psdiff_full@8", "teacher: pre-training run vs fine-tuned NAE"),
+              ("nae_full", "nae_random", "our pre-trained vs random init, NAE (the ablation's runs)")]
     return [p for p in pairs if p[0] in names and p[1] in names]
 
 
@@ -101,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="psdiff_random,psdiff_full", help=f"subset of {list(PSDIFF_ROWS)}")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--partial", action="store_true",
+                    help="run nothing: summarise the DDIM step counts already evaluated for every seed")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -117,15 +134,20 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runner = Runner(out, args.device)
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {(r, s): pool.submit(psdiff_job, runner, ablation, r, s, args.steps) for s in seeds for r in rows}
-        results = {key: fut.result() for key, fut in futures.items()}
+    if args.partial:
+        results = {(r, s): partial_result(runner, r, s) for s in seeds for r in rows}
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = {(r, s): pool.submit(psdiff_job, runner, ablation, r, s, args.steps) for s in seeds for r in rows}
+            results = {key: fut.result() for key, fut in futures.items()}
     table: dict[str, dict[str, list[float]]] = {}
     for name in NAE_ROWS:
         per = [nae_result(ablation, name, s) for s in seeds]
         table[name] = {k: [p[k] for p in per] for k in METRICS}
     for name in rows:
         for k in DDIM_STEPS:
+            if not all(str(k) in results[(name, s)] for s in seeds):
+                continue                                   # --partial: not evaluated on every seed yet
             per = [results[(name, s)][str(k)] for s in seeds]
             table[f"{name}@{k}"] = {m: [p[m] for p in per] for m in METRICS}
     comps = [{"a": a, "b": b, "what": what, **{m: paired(table[a][m], table[b][m]) for m in METRICS}}
@@ -138,10 +160,12 @@ def main(argv=None) -> int:
                            "psdiff_rows": {r: {"init": PSDIFF_ROWS[r][0], "teacher": PSDIFF_ROWS[r][1]} for r in rows},
                            "nae_rows": "the ablation's finetune/{random,full}_s<seed> (finetune/configs/tiny.yaml)"},
               "timing": {"wall_s": round(time.perf_counter() - t0, 1), "jobs_s": runner.timing}}
-    tmp = out / "psdiff_ablation.json.tmp"
+    stem = "psdiff_ablation_partial" if args.partial else "psdiff_ablation"
+    report["protocol"]["partial"] = args.partial
+    tmp = out / f"{stem}.json.tmp"
     tmp.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
-    tmp.replace(out / "psdiff_ablation.json")
-    (out / "psdiff_ablation.md").write_text(markdown(report))
+    tmp.replace(out / f"{stem}.json")
+    (out / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
     return 0
 
