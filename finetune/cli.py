@@ -1,4 +1,4 @@
-"""``python -m finetune {train,eval}`` -- NAE fine-tuning and the standard evaluation.
+"""``python -m finetune {train,eval}`` -- NAE (or PSDiff) fine-tuning and the standard evaluation.
 
     python -m finetune eval --dataset prw --root data/PRW --checkpoint runs/ft_prw
     python -m finetune eval --dataset cuhk_sysu --root data/CUHK-SYSU --results other_model.npz --gallery-size -1
@@ -7,6 +7,8 @@
     python -m finetune train --dataset prw --root data/PRW --init runs/pretrain --save-every 500 \
         --eval-every 2000 --log-with tensorboard          # later: the same command with --resume
     accelerate launch -m finetune train --dataset cuhk_sysu --root data/CUHK-SYSU --init runs/pretrain
+    python -m finetune train --method psdiff --dataset prw --root data/PRW --init runs/pretrain --teacher runs/ft_prw
+    python -m finetune eval --dataset prw --root data/PRW --checkpoint runs/psdiff_prw --ddim-steps 1,2,4,8
 
 See the README section "Fine-tuning and evaluation" for the protocol details and the results-file format.
 """
@@ -17,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from pretrain.guard import end_distributed
 RUN_KIND = "hybridps-finetune"
 PROG = "python -m finetune"
 logger = logging.getLogger(__name__)
+METHODS = ("nae", "psdiff")
 USER_ERRORS = (ConfigError, DatasetError, EvaluationError, InitError, ResultsFileError, FileNotFoundError)
 
 
@@ -72,9 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "wh/((w+10)(h+10))) (CUHK-SYSU/PRW protocol, relaxed for small persons), "
                          "fixed = IoU >= 0.5 (default: eval.iou_rule of the config, standard)")
     ev.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    ev.add_argument("--ddim-steps", help="PSDiff runs: comma-separated DDIM step counts, one evaluation each "
+                                         "(default: model.ddim_steps of the run)")
 
-    tr = sub.add_parser("train", help="NAE fine-tuning from an INIT")
+    tr = sub.add_parser("train", help="NAE (default) or PSDiff fine-tuning from an INIT")
     _common(tr)
+    tr.add_argument("--method", choices=METHODS, default="nae",
+                    help="nae (default) or psdiff (config default: finetune/configs/psdiff_<dataset>.yaml)")
+    tr.add_argument("--teacher", help="psdiff: frozen re-ID teacher with an embedding head (pre-training run, NAE "
+                                      "fine-tuning run or weight file; default: the --init)")
     tr.add_argument("--init", required=True,
                     help="none | registry name | pre-training run dir | weight file")
     tr.add_argument("--init-scope", default="full", choices=tuple(SCOPES),
@@ -309,7 +317,14 @@ def cmd_eval(args, log=logger.info) -> dict:
     if args.gallery_size is not None and args.dataset != "cuhk_sysu":
         raise CLIError(f"--gallery-size applies to cuhk_sysu only; the {args.dataset} gallery is the whole test set")
     ckpt = Path(args.checkpoint) if args.checkpoint else None
-    base = ckpt / "config.yaml" if ckpt is not None and _run_meta(ckpt) is not None else None
+    meta = _run_meta(ckpt) if ckpt is not None else None
+    if meta is not None and meta.get("method", "nae") == "psdiff":
+        from finetune.psdiff.run import cmd_eval as cmd_eval_psdiff
+
+        return cmd_eval_psdiff(args, log)
+    if getattr(args, "ddim_steps", None) is not None:
+        raise CLIError("--ddim-steps applies to PSDiff runs only")
+    base = ckpt / "config.yaml" if meta is not None else None
     if base is not None and args.config:
         raise CLIError(f"{ckpt} is a fine-tuning run: its config.yaml defines the model; "
                        "drop --config (key=value overrides still apply)")
@@ -435,6 +450,12 @@ def cmd_train(args, log=logger.info) -> Path:
     from finetune.engine import resume_config, train_loop
     from finetune.init import load_scoped, normalization_for_model, resolve_init
 
+    if getattr(args, "method", "nae") == "psdiff":
+        from finetune.psdiff.run import cmd_train as cmd_train_psdiff
+
+        return cmd_train_psdiff(args, log)
+    if getattr(args, "teacher", None):
+        raise CLIError("--teacher applies to --method psdiff only")
     cfg = _apply_train_args(args, load_cfg(args))
     t = cfg.train
     if t.log_with == "tensorboard" and not is_tensorboard_available():
@@ -504,7 +525,8 @@ def cmd_train(args, log=logger.info) -> Path:
             eval_args = argparse.Namespace(dataset=args.dataset, root=args.root, config=None, overrides=[],
                                            out=str(out / f"eval_{args.dataset}"), checkpoint=str(out),
                                            results=None, gallery_size=None, cbgm=False, det_thresh=None,
-                                           cross_camera=False, iou_rule=None, device=str(accelerator.device))
+                                           cross_camera=False, iou_rule=None, device=str(accelerator.device),
+                                           ddim_steps=None)
             metrics = cmd_eval(eval_args, log)
             if t.eval_every:
                 log(f"reported result: the final model (step {outcome.steps}), mAP {100 * metrics['search']['mAP']:.2f}; "

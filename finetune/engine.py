@@ -137,7 +137,8 @@ def _preserving_rng(fn):
 
 def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: FinetuneTrainConfig, accelerator,
                out: Path, resume: Path | None = None, resume_cfg: dict | None = None,
-               evaluate: Callable[[torch.nn.Module, int], dict] | None = None) -> TrainOutcome:
+               evaluate: Callable[[torch.nn.Module, int], dict] | None = None,
+               make_optimizer=build_optimizer) -> TrainOutcome:
     """Run the schedule of ``t`` on ``dataset``; ``model`` is trained in place.
 
     Checkpoints (``t.save_every`` and at the end) use pretrain/state.py: no
@@ -145,7 +146,8 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
     position are restored by ``resume``, so a resumed run ends with the same
     weights as an uninterrupted one.  ``evaluate(model, step)`` runs every
     ``t.eval_every`` steps on rank 0 (RNG states preserved around it); its
-    metrics go to ``evals.jsonl`` and the tracker, for monitoring only."""
+    metrics go to ``evals.jsonl`` and the tracker, for monitoring only.
+    ``make_optimizer(model, t)``: NAE's SGD unless a method brings its own (PSDiff: AdamW)."""
     from pretrain.state import CheckpointError, load_checkpoint, save_checkpoint
     from pretrain.train import next_checkpoint_number
 
@@ -156,7 +158,7 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
     loader = DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=t.num_workers, generator=torch.Generator().manual_seed(t.seed), drop_last=False,
                         persistent_workers=t.num_workers > 0)
-    optimizer = build_optimizer(model, t)
+    optimizer = make_optimizer(model, t)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     init_sync_group()     # the OIM table sync's own process group: a collective, so at setup
     iters_per_epoch = len(loader)

@@ -89,16 +89,17 @@ def normalization_for_model(norm: dict | None) -> tuple[list[float], list[float]
 
 
 def load_scoped(model: torch.nn.Module, weights: InitWeights, scope: str,
-                min_fraction: float = DEFAULT_MIN_FRACTION, log: Callable[[str], None] = print) -> Report:
+                min_fraction: float = DEFAULT_MIN_FRACTION, log: Callable[[str], None] = print,
+                scopes: dict[str, tuple[str, ...]] = SCOPES) -> Report:
     """Load the ``scope`` part of ``weights`` into ``model``; print and return the report.
 
     The report covers the scope's keys only: what loaded, what the source
     lacked (kept at fresh init), what did not fit (shape).  Source keys
     outside the scope are listed as a note, not loaded.
     """
-    if scope not in SCOPES:
-        raise InitError(f"--init-scope must be one of {tuple(SCOPES)}, got {scope!r}")
-    prefixes = SCOPES[scope]
+    if scope not in scopes:
+        raise InitError(f"--init-scope must be one of {tuple(scopes)}, got {scope!r}")
+    prefixes = scopes[scope]
     own = model.state_dict()
     expected = {k: tuple(v.shape) for k, v in own.items() if k.startswith(prefixes)}
     provided = {k: v for k, v in weights.state_dict.items() if k.startswith(prefixes)}
