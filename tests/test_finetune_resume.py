@@ -31,6 +31,16 @@ FAST = ["model.min_size=96", "model.max_size=176", "model.roi_batch_size=8", "mo
 STEPS = ["--train-fraction", "0.25", "--max-steps", "5", "--seed", "3"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every run of this module on one intra-op thread, as the killed subprocess
+    (OMP_NUM_THREADS=1): float reductions differ with the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def prw(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth") / "prw"

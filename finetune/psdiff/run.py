@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.runlog import result, write_json
 from finetune import config as ftconfig
 from finetune.init import InitError, InitWeights, load_scoped, normalization_for_model, resolve_init
 from finetune.psdiff import config as psconfig
@@ -138,6 +139,7 @@ def cmd_train(args, log=print) -> Path:
     model.set_teacher(teacher.to(accelerator.device))
     model.loss_weights = dict(t.loss_weights)
     log(f"teacher {teacher_src}: emb_dim {changes['emb_dim']}, frozen, run on the gt boxes")
+    out.mkdir(parents=True, exist_ok=True)
     outcome = train_loop(model, PersonSearchDataset(subset, flip_prob=t.flip_prob, seed=t.seed), t, accelerator, out,
                          make_optimizer=build_optimizer)
     accelerator.wait_for_everyone()
@@ -157,7 +159,6 @@ def cmd_train(args, log=print) -> Path:
 def save_run(out: Path, model: PSDiff, cfg: PSDiffConfig, args, teacher_src, subset, outcome, init_report) -> None:
     from safetensors.torch import save_file
 
-    from data_prep.runlog import write_json
     from finetune.cli import RUN_KIND
 
     out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +243,7 @@ def cmd_eval(args, log=print) -> dict:
         sub = out / f"ddim{k}"
         write_results(sub / "results.npz", inputs, args.dataset, {"checkpoint": str(ckpt), "ddim_steps": k})
         search, detection, labeled = cli.score(protocol, inputs, settings)
-        log(f"DDIM steps {k}:\n" + cli.format_table(args.dataset, search, detection, labeled, settings, protocol))
+        result(f"DDIM steps {k}:\n" + cli.format_table(args.dataset, search, detection, labeled, settings, protocol))
         main = k == (cfg.model.ddim_steps if cfg.model.ddim_steps in steps else steps[-1])
         per[k] = cli.write_eval(sub, args.dataset, protocol, search, detection, labeled, settings,
                                 f"checkpoint {ckpt} (psdiff, {k} DDIM steps)", cfg.eval.visualize if main else 0,
@@ -251,12 +252,11 @@ def cmd_eval(args, log=print) -> dict:
     table = {str(k): {"mAP": m["search"]["mAP"], "top1": m["search"]["top1"], "det_ap": m["detection"]["ap"],
                       "det_recall": m["detection"]["recall"]} for k, m in per.items()}
     metrics = {**per[chosen], "method": METHOD, "ddim_steps": chosen, "per_ddim_steps": table}
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(out / "metrics.json")
-    log("DDIM steps   mAP    top-1   det AP  det recall")
+    write_json(out / "metrics.json", metrics, indent=2)
+    lines = ["DDIM steps   mAP    top-1   det AP  det recall"]
     for k, row in table.items():
-        log(f"{k:>10} {100 * row['mAP']:6.2f} {100 * row['top1']:7.2f} {100 * row['det_ap']:7.2f} "
-            f"{100 * row['det_recall']:8.2f}")
+        lines.append(f"{k:>10} {100 * row['mAP']:6.2f} {100 * row['top1']:7.2f} {100 * row['det_ap']:7.2f} "
+                     f"{100 * row['det_recall']:8.2f}")
+    result("\n".join(lines))
     log(f"wrote {out / 'metrics.json'}")
     return metrics
