@@ -236,3 +236,21 @@ def test_finetune_export_with_options_reloads_strictly(tmp_path):
     with torch.no_grad():
         for a, b in zip(model(images), again(images)):
             assert torch.equal(a["embeddings"], b["embeddings"])
+
+
+# ------------------------------------------------------------------------------ pre-training
+def test_iidfc_options_in_the_hybrid_pretraining_step():
+    """FC replaces the cross entropy of the hybrid objective's OIM call (also with the two-view
+    positive) and PAM sits in the RoI head: one hybrid step trains them, finite."""
+    from pretrain.hybrid import HybridConfig, HybridModel, LossConfig
+    from tests.test_hybrid import make_batch
+
+    torch.manual_seed(0)
+    model = HybridModel(tiny_config(**IIDFC), HybridConfig(num_domains=3, iam_hidden=32,
+                                                           loss=LossConfig(oim_two_view=True)))
+    assert isinstance(model.search_model.roi_heads.reid_loss, FCLoss)
+    out = model(make_batch(labeled=(True, True)))
+    assert torch.isfinite(out["loss"]) and torch.isfinite(out["loss_reid"])
+    out["loss"].backward()
+    pam = [p.grad for n, p in model.named_parameters() if n.startswith("search_model.roi_heads.pam.")]
+    assert pam and all(g is not None and torch.isfinite(g).all() for g in pam)
