@@ -189,7 +189,8 @@ def pretrain_job(runner: Runner, name: str, seed: int, shards: Path, steps: int)
     return out
 
 
-def finetune_job(runner: Runner, row: Row, seed: int, init: Path | None, target: Path, steps: int) -> dict:
+def finetune_job(runner: Runner, row: Row, seed: int, init: Path | None, target: Path, steps: int,
+                 overrides: tuple[str, ...] = ()) -> dict:
     tag = row.name.replace("%", "pct").replace("@", "_")
     out = runner.out / "finetune" / f"{tag}_s{seed}"
     metrics = out / "eval" / "metrics.json"
@@ -200,6 +201,7 @@ def finetune_job(runner: Runner, row: Row, seed: int, init: Path | None, target:
                  *init_args, "--out", str(out), "--max-steps", str(steps), "--seed", str(seed))
         if row.fraction < 1.0:
             cmd += ["--train-fraction", str(row.fraction)]
+        cmd += list(overrides)      # finetune config key=value overrides (benchmarks/modules_ablation.py)
         runner.run(f"finetune {row.name} s{seed}", cmd, runner.out / "logs" / f"finetune_{tag}_s{seed}.log")
         cmd = py("-m", "finetune", "eval", "--dataset", "prw", "--root", str(target), "--checkpoint", str(out),
                  "--out", str(out / "eval"), "--device", runner.device)

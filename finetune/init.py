@@ -35,7 +35,7 @@ from checkpoints.report import DEFAULT_MIN_FRACTION, InsufficientMatchError, Rep
 SCOPES: dict[str, tuple[str, ...]] = {
     "backbone": ("backbone.", "roi_heads.box_head."),
     "full": ("backbone.", "roi_heads.box_head.", "rpn.head.", "roi_heads.box_predictor.",
-             "roi_heads.embedding_head."),
+             "roi_heads.embedding_head.", "roi_heads.pam."),
 }
 # checkpoints' arch names -> ModelConfig.backbone names
 ARCH_TO_BACKBONE = {"shufflenetv1": "shufflenet"}

@@ -281,6 +281,10 @@ def validate(cfg: PretrainConfig) -> None:
             raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
     if t.log_with not in (None, "tensorboard"):
         raise ConfigError(f"train.log_with must be null or 'tensorboard', got {t.log_with!r}")
+    m = cfg.model
+    if m.ugas_sfm or m.ugas_distill or m.ugas_uncertainty:
+        raise ConfigError("model.ugas_* are fine-tuning options: the hybrid objective's re-ID path "
+                          "(deferred OIM, two-view positive, L_con) is defined on the deep embedding only")
     positive = {"data.batch_size": d.batch_size, "train.max_steps": t.max_steps,
                 "train.grad_accum": t.grad_accum}
     for name, value in positive.items():

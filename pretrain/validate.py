@@ -101,6 +101,9 @@ RULES: dict[str, Check] = {
     "model.oim_momentum": UNIT, "model.oim_scalar": POS, "model.oim_sample": INONNEG,
     "model.lut_dtype": choice("float32", "bfloat16", "float16"),
     "model.box_loss_beta": NONNEG,          # smooth-L1 beta; 0 = plain L1
+    **{f"model.{k}": anything for k in ("ugas_sfm", "ugas_distill", "ugas_uncertainty", "iidfc_fc", "iidfc_pam")},
+    "model.ugas_sfm_dim": IPOS, "model.ugas_sfm_channels": IPOS, "model.ugas_distill_temp": POS,
+    "model.iidfc_m1": POS, "model.iidfc_m2": rng(), "model.iidfc_pam_channels": IPOS,
     "model.score_thresh": UNIT, "model.nms_thresh": UNIT, "model.detections_per_img": IPOS,
     # hybrid (pretrain/hybrid.py)
     "hybrid.num_domains": IPOS, "hybrid.grl_coef": NONNEG, "hybrid.predictor_hidden": IPOS,

@@ -241,15 +241,24 @@ class OIMLoss(nn.Module):
         return out
 
     # ------------------------------------------------------------------ loss
+    def adjust_logits(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Hook on the cosine logits of the labelled rows (before the scalar); OIM: unchanged.
+        :class:`pretrain.losses.fc.FCLoss` puts its angular margin on the target column here."""
+        return cos
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor,
-                positive: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                positive: tuple[torch.Tensor, torch.Tensor] | None = None,
+                reduction: str = "mean") -> torch.Tensor:
         """Mean cross entropy over samples with label >= 0; returns a graph-connected 0 if none.
 
         ``positive`` = (vectors [B,D], mask [B] bool), optional: for the rows in ``mask`` the
         logit of the row's own identity uses the given vector (detached, normalised) instead
         of its LUT row -- the two-view positive of the hybrid objective for pseudo-identities
         whose row is empty or one epoch stale.  The tables are not changed by it.
+        ``reduction="none"`` gives the per-row losses of the labelled rows (in row order).
         """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         if x.dim() != 2 or x.shape[1] != self.dim or labels.shape != (x.shape[0],):
             raise ValueError(f"OIM expects x [B,{self.dim}] and labels [B], got {tuple(x.shape)} "
                              f"and {tuple(labels.shape)}")
@@ -264,7 +273,7 @@ class OIMLoss(nn.Module):
         else:
             logits = _Match.apply(x, labels, self)     # [n_labelled, N+Q] cosine similarities
         if logits.shape[0] == 0:
-            return logits.sum() * 0.0
+            return logits.sum() * 0.0 if reduction == "mean" else logits.sum(dim=1) * 0.0
         if positive is not None:
             vectors, mask = positive
             sel = mask.to(x.device).bool()[known]
@@ -273,7 +282,8 @@ class OIMLoss(nn.Module):
                 target = F.normalize(vectors[known][rows].detach().float(), dim=1)
                 values = (x[known][rows].float() * target).sum(dim=1).to(logits.dtype)
                 logits = logits.index_put((rows, targets[rows]), values)
-        return F.cross_entropy(logits * self.scalar, targets)
+        logits = self.adjust_logits(logits, targets)        # targets: column positions (also when sampled)
+        return F.cross_entropy(logits * self.scalar, targets, reduction=reduction)
 
     def _sampled_logits(self, x: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,6 +56,19 @@ class ModelConfig:
     oim_scalar: float = 30.0
     lut_dtype: str = "float32"
     oim_sample: int = 0                   # > 0: score the batch's ids + random LUT rows, this many in all
+    # UGAS (pretrain/model/ugas.py, pretrain/losses/ugas.py); all off = plain NAE
+    ugas_sfm: bool = False                # Shallow Fusion Module: re-ID vector = [deep; shallow]/sqrt2
+    ugas_sfm_dim: int = 128               # shallow vector size (poster silent); embedding emb_dim + this
+    ugas_sfm_channels: int = 256          # width of the fused shallow maps (poster silent)
+    ugas_distill: bool = False            # deep -> shallow self-distillation (needs ugas_sfm)
+    ugas_distill_temp: float = 1.0        # KL temperature on the 30x-scaled OIM logits (poster silent)
+    ugas_uncertainty: bool = False        # Uncertainty Guidance: per-RoI variance weights the re-ID loss
+    # IIDFC (pretrain/model/iidfc.py, pretrain/losses/fc.py)
+    iidfc_fc: bool = False                # Feature Compactness loss replaces OIM's cross entropy
+    iidfc_m1: float = 0.9                 # FC penalty factor on the target angle (paper: 0.9)
+    iidfc_m2: float = 0.1                 # FC additive angular margin (paper: 0.1); tau = 1/oim_scalar
+    iidfc_pam: bool = False               # Pedestrian Attention Module on the res5 RoI maps
+    iidfc_pam_channels: int = 8           # output channels of PAM's shared 3x3 conv (paper silent)
     # inference
     score_thresh: float = 0.5
     nms_thresh: float = 0.4
@@ -88,6 +101,12 @@ class ModelConfig:
             raise ValueError("model.image_mean/image_std take 3 values, model.box_coder_weights 4")
         if not self.box_loss_beta > 0:
             raise ValueError(f"model.box_loss_beta must be > 0, got {self.box_loss_beta}")
+        if self.ugas_distill and not self.ugas_sfm:
+            raise ValueError("model.ugas_distill needs model.ugas_sfm (it distils deep -> shallow)")
+        if self.ugas_sfm_dim < 1 or self.ugas_sfm_channels < 1 or self.iidfc_pam_channels < 1:
+            raise ValueError("model.ugas_sfm_dim, ugas_sfm_channels and iidfc_pam_channels must be >= 1")
+        if not self.ugas_distill_temp > 0 or not self.iidfc_m1 > 0:
+            raise ValueError("model.ugas_distill_temp and model.iidfc_m1 must be > 0")
         if self.min_size < 1 or self.max_size < self.min_size:
             raise ValueError(f"need 1 <= min_size <= max_size, got {self.min_size}/{self.max_size}")
 

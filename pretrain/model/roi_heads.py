@@ -16,10 +16,14 @@ from torch import nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import MultiScaleRoIAlign, box_iou, boxes as box_ops
 
+from pretrain.losses.fc import FCLoss
 from pretrain.losses.oim import OIMLoss
+from pretrain.losses.ugas import self_distillation, table_logits, uncertainty_weighted
 from pretrain.model.box_ops import inside_ignore
 from pretrain.model.config import ModelConfig
 from pretrain.model.embedding import BNBoxRegressor, NormAwareEmbedding, max_pool_flat
+from pretrain.model.iidfc import PedestrianAttention
+from pretrain.model.ugas import ShallowFusion, UncertaintyHead, fuse_embeddings
 
 FEATURE = "feat_res4"
 
@@ -44,14 +48,25 @@ def batchnorm_eval(*modules: nn.Module):
 class NAERoIHeads(nn.Module):
     """Second stage of the NAE model; see the module docstring for the labelling."""
 
-    def __init__(self, cfg: ModelConfig, box_head: nn.Module, c4: int, c5: int) -> None:
+    def __init__(self, cfg: ModelConfig, box_head: nn.Module, c4: int, c5: int, c3: int | None = None) -> None:
         super().__init__()
         self.box_roi_pool = MultiScaleRoIAlign([FEATURE], cfg.roi_output_size, cfg.roi_sampling_ratio)
         self.box_head = box_head
         self.box_predictor = BNBoxRegressor(c5)
         self.embedding_head = NormAwareEmbedding({"feat_res4": c4, "feat_res5": c5}, cfg.emb_dim)
-        self.reid_loss = OIMLoss(cfg.emb_dim, cfg.num_pids, cfg.cq_size, cfg.oim_momentum,
-                                 cfg.oim_scalar, cfg.lut_dtype, sample=cfg.oim_sample)
+        self.reid_loss = _reid_loss(cfg, cfg.emb_dim)
+        # UGAS / IIDFC options (None when off, so the plain model's keys are unchanged)
+        self.pam = PedestrianAttention(cfg.iidfc_pam_channels) if cfg.iidfc_pam else None
+        self.sfm = self.reid_loss_shallow = None
+        if cfg.ugas_sfm:
+            if c3 is None:
+                raise ValueError("model.ugas_sfm needs the shallow trunk stage's channels")
+            self.sfm = ShallowFusion(c3, c4, cfg.ugas_sfm_channels, cfg.ugas_sfm_dim, cfg.roi_output_size,
+                                     cfg.roi_sampling_ratio)
+            self.reid_loss_shallow = _reid_loss(cfg, cfg.ugas_sfm_dim)
+        self.uncertainty = UncertaintyHead(c5) if cfg.ugas_uncertainty else None   # training only
+        self.distill_temp = cfg.ugas_distill_temp if cfg.ugas_distill else None
+        self.out_dim = cfg.emb_dim + (cfg.ugas_sfm_dim if cfg.ugas_sfm else 0)
         self.matcher = det_utils.Matcher(cfg.roi_fg_iou, cfg.roi_bg_iou, allow_low_quality_matches=False)
         self.sampler = det_utils.BalancedPositiveNegativeSampler(cfg.roi_batch_size, cfg.roi_pos_fraction)
         self.box_coder = det_utils.BoxCoder(tuple(cfg.box_coder_weights))
@@ -109,15 +124,29 @@ class NAERoIHeads(nn.Module):
         """RoIAlign on C4, the res5 head and max pooling -> maps and pooled vectors."""
         maps = self.box_roi_pool(features, boxes, image_shapes)
         res5 = self.box_head(maps)
+        if self.pam is not None:
+            res5 = self.pam(res5)
         return {"roi_maps": maps, "feat_res4": max_pool_flat(maps), "feat_res5": max_pool_flat(res5)}
 
     def embed_boxes(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor],
                     image_shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Unit-norm embeddings of the given boxes (NAE query path), one tensor per image."""
         if sum(b.shape[0] for b in boxes) == 0:
-            return [b.new_zeros((0, self.embedding_head.dim)) for b in boxes]
-        emb, _ = self.embedding_head(self.roi_features(features, boxes, image_shapes))
+            return [b.new_zeros((0, self.out_dim)) for b in boxes]
+        emb, _ = self.embed(features, self.roi_features(features, boxes, image_shapes), boxes, image_shapes)
         return list(emb.split([b.shape[0] for b in boxes]))
+
+    def shallow_embedding(self, features, f, boxes, image_shapes) -> torch.Tensor:
+        """Unit shallow (SFM) embeddings [R, ugas_sfm_dim]."""
+        return F.normalize(self.sfm(features, f["roi_maps"], boxes, image_shapes), dim=1)
+
+    def embed(self, features, f, boxes, image_shapes) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference re-ID vectors [R, out_dim] and detection logits [R]: NAE, with the SFM's
+        shallow vector concatenated when ``ugas_sfm`` is on."""
+        emb, logits = self.embedding_head(f)
+        if self.sfm is not None:
+            emb = fuse_embeddings(emb, self.shallow_embedding(features, f, boxes, image_shapes))
+        return emb, logits
 
     # ------------------------------------------------------------------ forward
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
@@ -146,7 +175,7 @@ class NAERoIHeads(nn.Module):
             else logits.sum() * 0.0,
         }
         if not defer_reid:
-            losses["loss_reid"] = self.reid_loss(emb[fg], pids[fg])
+            losses.update(self._reid_losses(features, f, s["boxes"], image_shapes, emb, fg, pids))
         if not return_features:
             return losses, None
         counts = [b.shape[0] for b in s["boxes"]]
@@ -162,6 +191,32 @@ class NAERoIHeads(nn.Module):
             "gt_emb_raw": self._gt_embeddings(features, image_shapes, targets, s["gt_rows"], raw, starts),
         }
         return losses, feats
+
+    def _reid_losses(self, features, f, boxes, image_shapes, emb, fg, pids) -> dict[str, torch.Tensor]:
+        """loss_reid (OIM, or FC), plus with UGAS loss_reid_shallow / loss_distill; with
+        Uncertainty Guidance the per-sample re-ID losses are variance-weighted."""
+        x, y = emb[fg], pids[fg]
+        log_var = None
+        if self.uncertainty is not None:
+            log_var = self.uncertainty(f["feat_res5"][fg])[y >= 0]
+        out = {"loss_reid": self._weighted(self.reid_loss, x, y, log_var)}
+        if self.sfm is None:
+            return out
+        xs = self.shallow_embedding(features, f, boxes, image_shapes)[fg]
+        out["loss_reid_shallow"] = self._weighted(self.reid_loss_shallow, xs, y, log_var)
+        if self.distill_temp is not None:
+            known = y >= 0
+            with torch.no_grad():
+                teacher = table_logits(x[known], self.reid_loss._banks(), self.reid_loss.scalar)
+            student = table_logits(xs[known], self.reid_loss_shallow._banks(), self.reid_loss_shallow.scalar)
+            out["loss_distill"] = self_distillation(student, teacher, self.distill_temp)
+        return out
+
+    @staticmethod
+    def _weighted(oim: OIMLoss, x, y, log_var):
+        if log_var is None:
+            return oim(x, y)
+        return uncertainty_weighted(oim(x, y, reduction="none"), log_var)
 
     def _gt_embeddings(self, features, image_shapes, targets, gt_rows, raw, starts) -> list[torch.Tensor]:
         """Un-normalised embeddings of the GT boxes flagged ``need_emb`` (in box order).
@@ -200,7 +255,7 @@ class NAERoIHeads(nn.Module):
         if sum(counts) == 0:
             return [self._empty_detection(features) for _ in proposals]
         f = self.roi_features(features, proposals, image_shapes)
-        emb, logits = self.embedding_head(f)
+        emb, logits = self.embed(features, f, proposals, image_shapes)
         boxes = self.box_coder.decode_single(self.box_predictor(f["feat_res5"]), torch.cat(proposals))
         scores = torch.sigmoid(logits)
         results = []
@@ -215,4 +270,15 @@ class NAERoIHeads(nn.Module):
     def _empty_detection(self, features) -> dict[str, torch.Tensor]:
         ref = next(iter(features.values()))
         return {"boxes": ref.new_zeros((0, 4)), "scores": ref.new_zeros((0,)),
-                "embeddings": ref.new_zeros((0, self.embedding_head.dim))}
+                "embeddings": ref.new_zeros((0, self.out_dim))}
+
+
+def _reid_loss(cfg: ModelConfig, dim: int) -> OIMLoss:
+    """OIM, or IIDFC's FC loss on the same tables when ``iidfc_fc`` is on."""
+    if cfg.iidfc_fc:
+        loss = FCLoss(dim, cfg.num_pids, cfg.cq_size, cfg.oim_momentum, cfg.oim_scalar, cfg.lut_dtype,
+                      cfg.iidfc_m1, cfg.iidfc_m2)
+        loss.sample = cfg.oim_sample          # the sampled columns work for FC too (targets = column positions)
+        return loss
+    return OIMLoss(dim, cfg.num_pids, cfg.cq_size, cfg.oim_momentum, cfg.oim_scalar, cfg.lut_dtype,
+                   sample=cfg.oim_sample)

@@ -11,6 +11,7 @@ from pretrain.model.backbones import BackboneParts, build_backbone
 from pretrain.model.config import ModelConfig
 from pretrain.model.roi_heads import FEATURE, NAERoIHeads
 from pretrain.model.rpn import build_rpn
+from pretrain.model.ugas import SHALLOW, StageTap, probe_channels, shallow_stage
 
 Target = dict[str, torch.Tensor]
 
@@ -60,7 +61,12 @@ class SearchModel(nn.Module):
                                                   list(cfg.image_std))
         self.backbone = parts.body
         self.rpn = build_rpn(cfg, parts.c4_channels)
-        self.roi_heads = NAERoIHeads(cfg, parts.head, parts.c4_channels, parts.c5_channels)
+        self._tap, c3 = None, None
+        if cfg.ugas_sfm:   # UGAS SFM reads the stage before C4 (stride 8) through a forward hook
+            _, stage = shallow_stage(parts.body)
+            c3 = probe_channels(parts.body, stage)
+            self._tap = StageTap(stage)
+        self.roi_heads = NAERoIHeads(cfg, parts.head, parts.c4_channels, parts.c5_channels, c3)
         self.c4_channels, self.c5_channels = parts.c4_channels, parts.c5_channels
         if cfg.freeze_stem:
             for module in parts.stem:
@@ -98,6 +104,7 @@ class SearchModel(nn.Module):
         c4 = self.backbone(image_list.tensors)
         features = OrderedDict([(FEATURE, c4)])
         proposals, rpn_losses = self.rpn(image_list, features, targets)
+        features = self._with_shallow(features)
         if not self.training:
             detections = self.roi_heads(features, proposals, image_list.image_sizes)
             return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
@@ -121,8 +128,16 @@ class SearchModel(nn.Module):
         image_list, _ = self.transform(list(images))
         boxes = [_scale_boxes(b.to(image_list.tensors).reshape(-1, 4), old, new)
                  for b, old, new in zip(boxes_list, original_sizes, image_list.image_sizes)]
-        features = OrderedDict([(FEATURE, self.backbone(image_list.tensors))])
+        features = self._with_shallow(OrderedDict([(FEATURE, self.backbone(image_list.tensors))]))
         return self.roi_heads.embed_boxes(features, boxes, image_list.image_sizes)
+
+    def _with_shallow(self, features: OrderedDict) -> OrderedDict:
+        """Add the SFM's stride-8 map (RoI heads only: the RPN sees C4 alone)."""
+        if self._tap is None:
+            return features
+        out = OrderedDict(features)
+        out[SHALLOW] = self._tap.take()
+        return out
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """Trunk + RoI head in the backbone's own layout (torchvision ResNet keys without fc,
