@@ -6,8 +6,8 @@
 
 The whole chain per configuration and seed, through the project's own command-line tools:
 synthetic world (``data_prep synth``, a fixed world) -> shards (``data_prep build``) ->
-pre-training (``python -m pretrain``) -> NAE fine-tuning on the synthetic PRW-format target
-(``python -m finetune train``) -> the standard PRW evaluation (``python -m finetune eval``,
+pre-training (``python -m hybridps.pretrain``) -> NAE fine-tuning on the synthetic PRW-format target
+(``python -m hybridps.finetune train``) -> the standard PRW evaluation (``python -m hybridps.finetune eval``,
 >= 100 queries).  Pre-training and fine-tuning seeds both vary with the seed.  Every job runs
 with one intra-op thread, so a job's numbers do not depend on ``--jobs`` (jobs run side by
 side) and the same seed on the same machine gives identical numbers.
@@ -159,14 +159,14 @@ def prepare_worlds(runner: Runner, gaps: set[float], mixes: set[tuple[str, ...]]
         world = runner.out / f"world_gap{gap:g}"
         if not (world / "synth_truth.json").is_file():
             shutil.rmtree(world, ignore_errors=True)
-            runner.run(f"synth gap {gap:g}", py("-m", "data_prep", "synth", str(world), "--seed", str(world_seed),
+            runner.run(f"synth gap {gap:g}", py("-m", "hybridps.data_prep", "synth", str(world), "--seed", str(world_seed),
                                                 "--size", "bench", "--domain-gap", str(gap), "--only",
                                                 ",".join(SOURCES5 + ("prw",))), runner.out / "logs" / f"synth_{gap:g}.log")
         for mix in sorted(mixes):
             dest = runner.out / f"shards_gap{gap:g}_{len(mix)}ds"
             if not (dest / "manifest.json").is_file():
                 shutil.rmtree(dest, ignore_errors=True)
-                cmd = py("-m", "data_prep", "build", str(dest), "--seed", str(world_seed))
+                cmd = py("-m", "hybridps.data_prep", "build", str(dest), "--seed", str(world_seed))
                 for src in mix:
                     cmd += ["--source", f"{src}={world / src}"]
                 if "luperson" in mix:
@@ -182,7 +182,7 @@ def pretrain_job(runner: Runner, name: str, seed: int, shards: Path, steps: int)
     if (out / "meta.json").is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)
-    cmd = py("-m", "pretrain", "--config", str(PRETRAIN_CFG), "--shards", str(shards), "--out", str(out),
+    cmd = py("-m", "hybridps.pretrain", "--config", str(PRETRAIN_CFG), "--shards", str(shards), "--out", str(out),
              "--max-steps", str(steps), f"train.seed={seed}", "train.log_with=null", "train.progress=false",
              *overrides)
     runner.run(f"pretrain {name} s{seed}", cmd, runner.out / "logs" / f"pretrain_{name}_s{seed}.log")
@@ -197,13 +197,13 @@ def finetune_job(runner: Runner, row: Row, seed: int, init: Path | None, target:
     if not metrics.is_file():
         shutil.rmtree(out, ignore_errors=True)
         init_args = ["--init", "none"] if init is None else ["--init", str(init), "--init-scope", row.scope]
-        cmd = py("-m", "finetune", "train", "--config", str(FINETUNE_CFG), "--dataset", "prw", "--root", str(target),
+        cmd = py("-m", "hybridps.finetune", "train", "--config", str(FINETUNE_CFG), "--dataset", "prw", "--root", str(target),
                  *init_args, "--out", str(out), "--max-steps", str(steps), "--seed", str(seed))
         if row.fraction < 1.0:
             cmd += ["--train-fraction", str(row.fraction)]
         cmd += list(overrides)      # finetune config key=value overrides (benchmarks/modules_ablation.py)
         runner.run(f"finetune {row.name} s{seed}", cmd, runner.out / "logs" / f"finetune_{tag}_s{seed}.log")
-        cmd = py("-m", "finetune", "eval", "--dataset", "prw", "--root", str(target), "--checkpoint", str(out),
+        cmd = py("-m", "hybridps.finetune", "eval", "--dataset", "prw", "--root", str(target), "--checkpoint", str(out),
                  "--out", str(out / "eval"), "--device", runner.device)
         runner.run(f"eval {row.name} s{seed}", cmd, runner.out / "logs" / f"eval_{tag}_s{seed}.log")
     m = json.loads(metrics.read_text())

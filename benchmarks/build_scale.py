@@ -123,11 +123,11 @@ def child(mode: str, src: str, out: str, workers: int) -> None:
     sampler.start()
     t0 = time.perf_counter()
     if mode == "parse":
-        from data_prep.formats import luperson
+        from hybridps.data_prep.formats import luperson
 
         n = sum(1 for _ in luperson.parse(src, "train"))
     else:
-        from data_prep.build import BuildOptions, run_build
+        from hybridps.data_prep.build import BuildOptions, run_build
 
         m = run_build(BuildOptions(out_dir=Path(out), sources=[("luperson", Path(src))], shard_size=1000,
                                    workers=workers, progress=False), log=lambda _m: None)

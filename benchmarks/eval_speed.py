@@ -22,9 +22,9 @@ import time
 
 import numpy as np
 
-from data_prep.protocol import GalleryImage, Protocol, Query
-from data_prep.record import ImageRef
-from finetune.evaluate import (
+from hybridps.data_prep.protocol import GalleryImage, Protocol, Query
+from hybridps.data_prep.record import ImageRef
+from hybridps.finetune.evaluate import (
     CBGM_DEFAULTS,
     Detections,
     SearchInputs,

@@ -16,8 +16,8 @@ Stages, each timed and reported in one table (and ``--json``):
 4. ``loader``: the pre-training loader (read -> decode -> unify -> two views -> collate) over
    a synthetic build, images/s with ``--workers`` workers.  Decoding is on the CPU: the loader
    on this commit has no GPU decode option.
-5. ``chain``: ``data_prep synth`` -> ``data_prep build`` -> ``python -m pretrain`` ->
-   ``python -m finetune train`` -> ``python -m finetune eval`` on the synthetic world; wall
+5. ``chain``: ``data_prep synth`` -> ``data_prep build`` -> ``python -m hybridps.pretrain`` ->
+   ``python -m hybridps.finetune train`` -> ``python -m hybridps.finetune eval`` on the synthetic world; wall
    time of each and the resulting mAP (a smoke test of the whole path, not a result).
 
 Without a CUDA device it prints "no GPU" and exits 0 (CI never runs it), unless
@@ -91,8 +91,8 @@ class HybridBench:
     """A ResNet hybrid model, an SGD optimizer and synthetic two-view batches of any size."""
 
     def __init__(self, s: dict, device: torch.device) -> None:
-        from pretrain.hybrid import HybridConfig, HybridModel
-        from pretrain.model import ModelConfig
+        from hybridps.pretrain.hybrid import HybridConfig, HybridModel
+        from hybridps.pretrain.model import ModelConfig
 
         h, w = s["size"]
         self.s, self.device, self.h, self.w = s, device, h, w
@@ -189,9 +189,9 @@ def run_cli(args: list[str], log: Path, env: dict) -> float:
 
 def make_world(s: dict, out: Path, env: dict) -> tuple[Path, Path, dict]:
     world, shards = out / "world", out / "shards"
-    times = {"synth_s": run_cli(["-m", "data_prep", "synth", str(world), "--seed", "0", "--size", s["world"],
+    times = {"synth_s": run_cli(["-m", "hybridps.data_prep", "synth", str(world), "--seed", "0", "--size", s["world"],
                                  "--only", ",".join(SOURCES + ("prw",))], out / "synth.log", env)}
-    build = ["-m", "data_prep", "build", str(shards), "--seed", "0"]
+    build = ["-m", "hybridps.data_prep", "build", str(shards), "--seed", "0"]
     for src in SOURCES:
         build += ["--source", f"{src}={world / src}"]
     times["build_s"] = run_cli(build, out / "build.log", env)
@@ -200,10 +200,10 @@ def make_world(s: dict, out: Path, env: dict) -> tuple[Path, Path, dict]:
 
 # --------------------------------------------------------------------------- stage 4: loader
 def loader_speed(s: dict, shards: Path) -> dict:
-    from pretrain.augment import ViewParams
-    from pretrain.config import load_config
-    from pretrain.data import PretrainLoader, open_source
-    from pretrain.train import resolve_for_data
+    from hybridps.pretrain.augment import ViewParams
+    from hybridps.pretrain.config import load_config
+    from hybridps.pretrain.data import PretrainLoader, open_source
+    from hybridps.pretrain.train import resolve_for_data
 
     # paper.yaml's data settings (canvases, augmentation, batch 4); its weights name the five
     # paper datasets, the check's build has two: every dataset of the build once per epoch.
@@ -227,15 +227,15 @@ def loader_speed(s: dict, shards: Path) -> dict:
 def chain(s: dict, world: Path, shards: Path, out: Path, env: dict) -> dict:
     pre, ft = out / "pretrain", out / "finetune"
     times = {}
-    times["pretrain_s"] = run_cli(["-m", "pretrain", "--config", str(ROOT / "pretrain/configs/tiny.yaml"),
+    times["pretrain_s"] = run_cli(["-m", "hybridps.pretrain", "--config", str(ROOT / "pretrain/configs/tiny.yaml"),
                                    "--shards", str(shards), "--out", str(pre), "--max-steps", str(s["pre_steps"]),
                                    "train.seed=0", "train.log_with=null", "train.progress=false"],
                                   out / "pretrain.log", env)
-    times["finetune_s"] = run_cli(["-m", "finetune", "train", "--config", str(ROOT / "finetune/configs/tiny.yaml"),
+    times["finetune_s"] = run_cli(["-m", "hybridps.finetune", "train", "--config", str(ROOT / "finetune/configs/tiny.yaml"),
                                    "--dataset", "prw", "--root", str(world / "prw"), "--init", str(pre),
                                    "--init-scope", "full", "--out", str(ft), "--max-steps", str(s["ft_steps"]),
                                    "--seed", "0"], out / "finetune.log", env)
-    times["eval_s"] = run_cli(["-m", "finetune", "eval", "--dataset", "prw", "--root", str(world / "prw"),
+    times["eval_s"] = run_cli(["-m", "hybridps.finetune", "eval", "--dataset", "prw", "--root", str(world / "prw"),
                                "--checkpoint", str(ft), "--out", str(ft / "eval"), "--device", s["device"]],
                               out / "eval.log", env)
     m = json.loads((ft / "eval" / "metrics.json").read_text())

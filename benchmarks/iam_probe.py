@@ -48,9 +48,9 @@ def _env() -> dict:
 def synthetic_build(work: Path, size: str) -> Path:
     synth, build = work / "synth", work / "build"
     if not (build / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "data_prep", "synth", str(synth), "--size", size,
+        subprocess.run([sys.executable, "-m", "hybridps.data_prep", "synth", str(synth), "--size", size,
                         "--only", ",".join(SYNTH)], check=True, env=_env(), capture_output=True)
-        cmd = [sys.executable, "-m", "data_prep", "build", str(build), "--workers", "1", "--quiet"]
+        cmd = [sys.executable, "-m", "hybridps.data_prep", "build", str(build), "--workers", "1", "--quiet"]
         for name in SYNTH:
             cmd += ["--source", f"{name}={synth / name}"]
         subprocess.run(cmd, check=True, env=_env(), capture_output=True)
@@ -61,7 +61,7 @@ def train_variant(shards: Path, out: Path, steps: int, config: Path, overrides: 
     """Train one variant (skipped when ``out`` already holds a model)."""
     if (out / "model.safetensors").is_file():
         return out
-    cmd = [sys.executable, "-m", "pretrain", "--config", str(config), "--shards", str(shards), "--out", str(out),
+    cmd = [sys.executable, "-m", "hybridps.pretrain", "--config", str(config), "--shards", str(shards), "--out", str(out),
            "--max-steps", str(steps), "train.progress=false", "train.log_with=null", *overrides]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     if proc.returncode:
@@ -76,9 +76,9 @@ def pooled_features(run: Path, shards: Path) -> tuple[np.ndarray, np.ndarray, di
     domain's task ("det", "reid", "ps")."""
     from safetensors.torch import load_file
 
-    from pretrain import data as D
-    from pretrain.config import load_config
-    from pretrain.model import build_search_model
+    from hybridps.pretrain import data as D
+    from hybridps.pretrain.config import load_config
+    from hybridps.pretrain.model import build_search_model
 
     cfg = load_config(run / "config.yaml")
     model = build_search_model(cfg.model)

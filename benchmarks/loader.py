@@ -46,11 +46,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shard_build import write_crowdhuman, write_market  # noqa: E402  (benchmarks/ is not a package)
 
-from data_prep.build import BuildOptions, CanvasOptions, run_build  # noqa: E402
-from data_prep.manifest import shard_paths  # noqa: E402
-from data_prep.preview import read_samples  # noqa: E402
-from pretrain import data as D  # noqa: E402
-from pretrain.augment import ViewParams  # noqa: E402
+from hybridps.data_prep.build import BuildOptions, CanvasOptions, run_build  # noqa: E402
+from hybridps.data_prep.manifest import shard_paths  # noqa: E402
+from hybridps.data_prep.preview import read_samples  # noqa: E402
+from hybridps.pretrain import data as D  # noqa: E402
+from hybridps.pretrain.augment import ViewParams  # noqa: E402
 
 
 def build(src: list[tuple[str, Path]], out: Path, max_side: int | None = None, canvas: bool = False) -> Path:

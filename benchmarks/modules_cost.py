@@ -16,7 +16,7 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.model import build_search_model, tiny_config
+from hybridps.pretrain.model import build_search_model, tiny_config
 
 ROWS = {
     "NAE": {},

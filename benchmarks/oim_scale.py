@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pretrain.losses.oim import DTYPES, OIMLoss  # noqa: E402
+from hybridps.pretrain.losses.oim import DTYPES, OIMLoss  # noqa: E402
 
 
 # --------------------------------------------------------------------------- memory probes

@@ -18,12 +18,12 @@ import time
 
 import torch
 
-from pretrain.augment import ViewParams
-from pretrain.config import load_config
-from pretrain.data import PretrainLoader, open_source
-from pretrain.hybrid import HybridModel
-from pretrain.optim import param_groups
-from pretrain.train import resolve_for_data
+from hybridps.pretrain.augment import ViewParams
+from hybridps.pretrain.config import load_config
+from hybridps.pretrain.data import PretrainLoader, open_source
+from hybridps.pretrain.hybrid import HybridModel
+from hybridps.pretrain.optim import param_groups
+from hybridps.pretrain.train import resolve_for_data
 
 
 def padded_fraction(model, batch) -> float:

@@ -6,8 +6,8 @@ Reuses the finished multi-seed ablation (``--ablation``: its synthetic PRW-forma
 ``world_gap1/prw``, the pre-training runs ``pretrain/default_s<seed>`` and the NAE fine-tuning
 runs ``finetune/{random,full}_s<seed>`` with their evaluations) and adds PSDiff fine-tuned
 with the same step budget (``--steps``, default the ablation's 200 optimizer steps of batch 2)
-through ``python -m finetune train --method psdiff`` and evaluated by the shared evaluator at
-DDIM steps 1/2/4/8 (``python -m finetune eval --ddim-steps 1,2,4,8``).
+through ``python -m hybridps.finetune train --method psdiff`` and evaluated by the shared evaluator at
+DDIM steps 1/2/4/8 (``python -m hybridps.finetune eval --ddim-steps 1,2,4,8``).
 
 Rows: ``psdiff_random`` (random init) and ``psdiff_full`` (our pre-trained init), both with the
 fine-tuned NAE of the same seed (``finetune/full_s<seed>``) as the frozen re-ID teacher;
@@ -64,11 +64,11 @@ def psdiff_job(runner: Runner, ablation: Path, name: str, seed: int, steps: int)
         shutil.rmtree(out, ignore_errors=True)
         teacher = ablation / "finetune" / f"full_s{seed}" if teacher_kind == "nae_full" else pre
         init = "none" if init_kind == "none" else str(pre)
-        cmd = py("-m", "finetune", "train", "--method", "psdiff", "--config", str(PSDIFF_CFG), "--dataset", "prw",
+        cmd = py("-m", "hybridps.finetune", "train", "--method", "psdiff", "--config", str(PSDIFF_CFG), "--dataset", "prw",
                  "--root", str(target), "--init", init, "--init-scope", "full", "--teacher", str(teacher),
                  "--out", str(out), "--max-steps", str(steps), "--seed", str(seed))
         runner.run(f"psdiff train {name} s{seed}", cmd, runner.out / "logs" / f"train_{name}_s{seed}.log")
-        cmd = py("-m", "finetune", "eval", "--dataset", "prw", "--root", str(target), "--checkpoint", str(out),
+        cmd = py("-m", "hybridps.finetune", "eval", "--dataset", "prw", "--root", str(target), "--checkpoint", str(out),
                  "--out", str(out / "eval"), "--device", runner.device,
                  "--ddim-steps", ",".join(str(k) for k in DDIM_STEPS))
         runner.run(f"psdiff eval {name} s{seed}", cmd, runner.out / "logs" / f"eval_{name}_s{seed}.log")

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.build import BuildOptions, run_build
-from data_prep.formats import get_format
-from data_prep.record import Record
-from data_prep.synth.render import STYLES, appearance_for, encode, place_people, render_crop, render_scene
+from hybridps.data_prep.build import BuildOptions, run_build
+from hybridps.data_prep.formats import get_format
+from hybridps.data_prep.record import Record
+from hybridps.data_prep.synth.render import STYLES, appearance_for, encode, place_people, render_crop, render_scene
 
 SEED = 0
 

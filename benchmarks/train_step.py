@@ -17,9 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pretrain.hybrid import HybridConfig, HybridModel
-from pretrain.losses.oim import OIMLoss
-from pretrain.model import ModelConfig
+from hybridps.pretrain.hybrid import HybridConfig, HybridModel
+from hybridps.pretrain.losses.oim import OIMLoss
+from hybridps.pretrain.model import ModelConfig
 
 
 def synthetic_view(batch: int, height: int, width: int, seed: int, device: torch.device) -> dict:

@@ -1,6 +1,6 @@
 """One run folder -> every downstream layout its architecture fits, in one folder.
 
-``python -m checkpoints export RUN --out DIR`` writes, with the same checks as
+``python -m hybridps.checkpoints export RUN --out DIR`` writes, with the same checks as
 ``convert`` (one process, the source read once per target):
 
 * ``torchvision_<arch>.pth``, ``timm_<arch>.safetensors``, ``mmdet_<arch>.pth``,

@@ -1,4 +1,4 @@
-"""``python -m checkpoints list | download | inspect | convert | export | add | push``."""
+"""``python -m hybridps.checkpoints list | download | inspect | convert | export | add | push``."""
 from __future__ import annotations
 
 import argparse
@@ -173,7 +173,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m checkpoints",
+    p = argparse.ArgumentParser(prog="python -m hybridps.checkpoints",
                                 description="Released-weights registry, download, safe loading and conversion.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -283,7 +283,7 @@ def _stderr_logging():
     """This package's INFO lines (download progress...) on stderr while a
     command runs -- data_prep/runlog.py's rule; a leaf package, it does not import it."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("python -m checkpoints: %(message)s"))
+    handler.setFormatter(logging.Formatter("python -m hybridps.checkpoints: %(message)s"))
     pkg = logging.getLogger(__package__)
     level = pkg.level
     pkg.setLevel(logging.INFO)
@@ -311,7 +311,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: {_one_line(msg)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"python -m checkpoints {args.cmd}: interrupted", file=sys.stderr)
+        print(f"python -m hybridps.checkpoints {args.cmd}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
         if os.environ.get(DEBUG_ENV):
@@ -321,7 +321,7 @@ def _main(args: argparse.Namespace) -> int:
     except Exception as exc:
         if os.environ.get(DEBUG_ENV):
             raise
-        print(f"python -m checkpoints {args.cmd}: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+        print(f"python -m hybridps.checkpoints {args.cmd}: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
               f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 1
 

@@ -199,11 +199,11 @@ def model_card(run: str | Path, repo: str) -> str:
         lines += [f"Hybrid person-search pre-training ({backbone}): {meta.get('steps')} steps on "
                   f"{meta.get('world_size', 1)} process(es), {meta.get('num_ids', '?')} identities; shards "
                   f"manifest sha256 `{meta.get('manifest_sha256', '?')}`.", ""]
-    lines += ["## Use", "", "```python", "from finetune.api import create_model",
+    lines += ["## Use", "", "```python", "from hybridps.finetune.api import create_model",
               f'model = create_model("nae_{backbone}", weights="hf://{repo}")',
               "hits = model.search(query_image, query_box, gallery_images, topk=5)", "```", "",
               "or initialise fine-tuning with it:", "", "```bash",
-              f"python -m finetune train --dataset prw --root data/PRW --init hf://{repo}", "```", "",
+              f"python -m hybridps.finetune train --dataset prw --root data/PRW --init hf://{repo}", "```", "",
               "## Files", "",
               "* `model.safetensors`: the whole search model, hybridps layout"
               + (" (with the OIM table of the fine-tuning identities)" if finetuned else " (no OIM tables)"),

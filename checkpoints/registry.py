@@ -4,7 +4,7 @@ The built-in ``registry.json`` lists the released PretrainPS backbones and the
 usual ImageNet baselines.  A user registry (``$HYBRIDPS_REGISTRY``, else
 ``$XDG_CONFIG_HOME/hybridps/registry.json``, else
 ``~/.config/hybridps/registry.json``) adds entries for the user's own runs;
-``python -m checkpoints add`` writes it.
+``python -m hybridps.checkpoints add`` writes it.
 """
 from __future__ import annotations
 

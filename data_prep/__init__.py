@@ -1,2 +1,2 @@
 """hybridps data preparation: dataset release parsers, synthetic copies, and the
-webdataset shard builder (``python -m data_prep``)."""
+webdataset shard builder (``python -m hybridps.data_prep``)."""

@@ -1,4 +1,4 @@
-"""``python -m data_prep``: see :mod:`data_prep.cli`."""
+"""``python -m hybridps.data_prep``: see :mod:`data_prep.cli`."""
 import sys
 
 from .cli import main

@@ -1,4 +1,4 @@
-"""``python -m data_prep {synth,build,preview,inspect}``.
+"""``python -m hybridps.data_prep {synth,build,preview,inspect}``.
 
 Exit status: 0 success, 2 bad arguments or bad input (a clear one-line
 message, never a traceback), 1 an unexpected internal error, 130 interrupted
@@ -220,7 +220,7 @@ def cmd_inspect(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .formats import FORMATS
 
-    p = argparse.ArgumentParser(prog="python -m data_prep", description="Dataset releases -> webdataset shards.")
+    p = argparse.ArgumentParser(prog="python -m hybridps.data_prep", description="Dataset releases -> webdataset shards.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{synth,build,preview,inspect}")
 
     s = sub.add_parser("synth", help="write synthetic copies of the datasets in their release layouts")

@@ -1,13 +1,13 @@
 """The Python API: build a person-search model by name, load weights, search.
 
-    from finetune.api import create_model
+    from hybridps.finetune.api import create_model
     model = create_model("nae_resnet50", weights="runs/finetune_prw")
     hits = model.search("query.jpg", (x1, y1, x2, y2), ["g1.jpg", "g2.jpg"], topk=5)
     for h in hits:
         print(h.gallery, h.box, h.score)
 
 ``weights`` is anything fine-tuning's ``--init`` or evaluation's
-``--checkpoint`` reads: a registry name (``python -m checkpoints list``), a
+``--checkpoint`` reads: a registry name (``python -m hybridps.checkpoints list``), a
 fine-tuning or pre-training run folder, a weight file (safetensors, or a
 pickle-free external layout through the checkpoints loaders), or a published
 run ``hf://OWNER/NAME[@REV]``.  The search follows the evaluator's feature
@@ -26,9 +26,9 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from pretrain.model.backbones import build_backbone
-from pretrain.model.config import ModelConfig
-from pretrain.model.search_model import SearchModel
+from hybridps.pretrain.model.backbones import build_backbone
+from hybridps.pretrain.model.config import ModelConfig
+from hybridps.pretrain.model.search_model import SearchModel
 
 # model name -> ModelConfig.backbone (timm's create_model names, one per buildable backbone)
 MODELS = {"nae_resnet50": "resnet50", "nae_resnet18": "resnet18", "nae_shufflenet": "shufflenet"}
@@ -127,8 +127,8 @@ def rank(query: np.ndarray, gallery: Sequence[dict[str, np.ndarray]], det_thresh
 # --------------------------------------------------------------------------- images
 def load_image(image) -> torch.Tensor:
     """3xHxW float in [0, 1], decoded exactly as the evaluator decodes dataset images."""
-    from data_prep.record import ImageRef
-    from finetune.datasets import read_image
+    from hybridps.data_prep.record import ImageRef
+    from hybridps.finetune.datasets import read_image
 
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
@@ -180,7 +180,7 @@ class _Resolved:
 
 
 def _finetune_run(path: Path) -> dict | None:
-    from finetune.cli import RUN_KIND
+    from hybridps.finetune.cli import RUN_KIND
 
     meta = path / "meta.json"
     if not (path.is_dir() and meta.is_file() and (path / "model.safetensors").is_file()):
@@ -209,7 +209,7 @@ def _run_model_cfg(path: Path) -> tuple[dict, dict]:
 
 
 def _model_cfg(data: dict, **changes) -> ModelConfig:
-    from pretrain.config import ConfigError, from_dict
+    from hybridps.pretrain.config import ConfigError, from_dict
 
     try:
         cfg = from_dict(ModelConfig, {**data, **changes})
@@ -224,12 +224,12 @@ def _resolve(weights: str, offline: bool | None) -> _Resolved:
     only its backbone and normalisation, the rest is ModelConfig's defaults (NAE's)."""
     from safetensors.torch import load_file
 
-    from finetune.init import InitError, normalization_for_model, resolve_init
+    from hybridps.finetune.init import InitError, normalization_for_model, resolve_init
 
     local = Path(weights).expanduser()
     if weights.startswith("hf://"):
-        from checkpoints.download import DownloadError
-        from checkpoints.hub import HubError, fetch_hf
+        from hybridps.checkpoints.download import DownloadError
+        from hybridps.checkpoints.hub import HubError, fetch_hf
 
         try:
             local = fetch_hf(weights, offline=offline)
@@ -266,7 +266,7 @@ def create_model(name: str | None = "nae_resnet50", weights: str | Path | None =
     trunk and leaves the heads at their initialisation: a model to fine-tune, not to search with.
     ``weights=None`` gives a randomly initialised model (to train).
     """
-    from finetune.init import SCOPES, InitError, load_scoped
+    from hybridps.finetune.init import SCOPES, InitError, load_scoped
 
     if name is not None and name not in MODELS:
         raise APIError(f"unknown model {name!r}; known: {', '.join(MODELS)}")

@@ -1,14 +1,14 @@
-"""``python -m finetune {train,eval}`` -- NAE (or PSDiff) fine-tuning and the standard evaluation.
+"""``python -m hybridps.finetune {train,eval}`` -- NAE (or PSDiff) fine-tuning and the standard evaluation.
 
-    python -m finetune eval --dataset prw --root data/PRW --checkpoint runs/ft_prw
-    python -m finetune eval --dataset cuhk_sysu --root data/CUHK-SYSU --results other_model.npz --gallery-size -1
-    python -m finetune train --dataset prw --root data/PRW --init psvis-resnet50 --init-scope full --eval
-    python -m finetune search --weights runs/ft_prw --query q.jpg --box 10 20 60 150 --gallery frames/ --out hits.png
-    python -m finetune train --dataset prw --root data/PRW --init runs/pretrain --save-every 500 \
+    python -m hybridps.finetune eval --dataset prw --root data/PRW --checkpoint runs/ft_prw
+    python -m hybridps.finetune eval --dataset cuhk_sysu --root data/CUHK-SYSU --results other_model.npz --gallery-size -1
+    python -m hybridps.finetune train --dataset prw --root data/PRW --init psvis-resnet50 --init-scope full --eval
+    python -m hybridps.finetune search --weights runs/ft_prw --query q.jpg --box 10 20 60 150 --gallery frames/ --out hits.png
+    python -m hybridps.finetune train --dataset prw --root data/PRW --init runs/pretrain --save-every 500 \
         --eval-every 2000 --log-with tensorboard          # later: the same command with --resume
-    accelerate launch -m finetune train --dataset cuhk_sysu --root data/CUHK-SYSU --init runs/pretrain
-    python -m finetune train --method psdiff --dataset prw --root data/PRW --init runs/pretrain --teacher runs/ft_prw
-    python -m finetune eval --dataset prw --root data/PRW --checkpoint runs/psdiff_prw --ddim-steps 1,2,4,8
+    accelerate launch -m hybridps.finetune train --dataset cuhk_sysu --root data/CUHK-SYSU --init runs/pretrain
+    python -m hybridps.finetune train --method psdiff --dataset prw --root data/PRW --init runs/pretrain --teacher runs/ft_prw
+    python -m hybridps.finetune eval --dataset prw --root data/PRW --checkpoint runs/psdiff_prw --ddim-steps 1,2,4,8
 
 See the README section "Fine-tuning and evaluation" for the protocol details and the results-file format.
 """
@@ -24,17 +24,17 @@ from pathlib import Path
 
 import torch
 
-from data_prep.runlog import cli_logging, final_error, log_to_folder, result, write_json
-from finetune import config as ftconfig
-from finetune.config import DATASETS, ConfigError, FinetuneConfig
-from finetune.datasets import DatasetError
-from finetune.evaluate import IOU_RULES, EvaluationError, SearchSettings, eval_detection, eval_search, subset_summary
-from finetune.init import SCOPES, InitError
-from finetune.results_io import ResultsFileError
-from pretrain.guard import end_distributed
+from hybridps.data_prep.runlog import cli_logging, final_error, log_to_folder, result, write_json
+from hybridps.finetune import config as ftconfig
+from hybridps.finetune.config import DATASETS, ConfigError, FinetuneConfig
+from hybridps.finetune.datasets import DatasetError
+from hybridps.finetune.evaluate import IOU_RULES, EvaluationError, SearchSettings, eval_detection, eval_search, subset_summary
+from hybridps.finetune.init import SCOPES, InitError
+from hybridps.finetune.results_io import ResultsFileError
+from hybridps.pretrain.guard import end_distributed
 
 RUN_KIND = "hybridps-finetune"
-PROG = "python -m finetune"
+PROG = "python -m hybridps.finetune"
 logger = logging.getLogger(__name__)
 METHODS = ("nae", "psdiff")
 USER_ERRORS = (ConfigError, DatasetError, EvaluationError, InitError, ResultsFileError, FileNotFoundError)
@@ -54,7 +54,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m hybridps.finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_search(args, log=print) -> list:
     from PIL import Image
 
-    from finetune.api import APIError, create_model, gallery_files
-    from finetune.visualize import draw_search
+    from hybridps.finetune.api import APIError, create_model, gallery_files
+    from hybridps.finetune.visualize import draw_search
 
     try:
         model = create_model(args.model, args.weights, device=_device(args.device),
@@ -161,7 +161,7 @@ def cmd_search(args, log=print) -> list:
 
 
 def cmd_compare(args) -> None:
-    from finetune.compare import compare_table
+    from hybridps.finetune.compare import compare_table
 
     table = compare_table(args.evals, args.names)
     result(table)
@@ -196,9 +196,9 @@ def load_model_for_eval(checkpoint: str, cfg: FinetuneConfig, log=logger.info):
     config.yaml, see :func:`cmd_eval`); anything else
     goes through the checkpoints package (any layout) and must cover the
     whole model (detector and embedding head)."""
-    from pretrain.model import build_search_model
+    from hybridps.pretrain.model import build_search_model
 
-    from finetune.init import load_scoped, resolve_init
+    from hybridps.finetune.init import load_scoped, resolve_init
 
     path = Path(checkpoint)
     meta = _run_meta(path)
@@ -304,22 +304,22 @@ def write_eval(out: Path, dataset: str, protocol, search, detection, labeled, se
                   "top": [dataclasses.asdict(h) for h in q.top]} for q in search.per_query]
     write_json(out / "per_query.json", per_query, indent=None)
     if vis > 0:
-        from finetune.visualize import draw_topk
+        from hybridps.finetune.visualize import draw_topk
 
         log(f"wrote {draw_topk(protocol, search, out / 'topk.png', n_queries=vis)}")
     return metrics
 
 
 def cmd_eval(args, log=logger.info) -> dict:
-    from finetune.datasets import load_protocol
-    from finetune.results_io import check_against_protocol, read_results, write_results
+    from hybridps.finetune.datasets import load_protocol
+    from hybridps.finetune.results_io import check_against_protocol, read_results, write_results
 
     if args.gallery_size is not None and args.dataset != "cuhk_sysu":
         raise CLIError(f"--gallery-size applies to cuhk_sysu only; the {args.dataset} gallery is the whole test set")
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     meta = _run_meta(ckpt) if ckpt is not None else None
     if meta is not None and meta.get("method", "nae") == "psdiff":
-        from finetune.psdiff.run import cmd_eval as cmd_eval_psdiff
+        from hybridps.finetune.psdiff.run import cmd_eval as cmd_eval_psdiff
 
         return cmd_eval_psdiff(args, log)
     if getattr(args, "ddim_steps", None) is not None:
@@ -346,7 +346,7 @@ def cmd_eval(args, log=logger.info) -> dict:
         model, cfg = load_model_for_eval(args.checkpoint, cfg, log)
         device = _device(args.device)
         model.to(device)
-        from finetune.engine import run_inference
+        from hybridps.finetune.engine import run_inference
 
         inputs = run_inference(model, protocol, device, cfg.eval.batch_size, settings.cbgm, log)
         log(f"wrote {write_results(out / 'results.npz', inputs, args.dataset, {'checkpoint': str(args.checkpoint)})}")
@@ -383,7 +383,7 @@ def _apply_train_args(args, cfg: FinetuneConfig) -> FinetuneConfig:
 
 def _resume_target(out: Path, args) -> Path | None:
     """What ``out`` holds decides: a fresh run, a refused one, or the checkpoint to resume."""
-    from pretrain.state import CheckpointError, checkpoint_dirs, complete_checkpoints, pick_resume
+    from hybridps.pretrain.state import CheckpointError, checkpoint_dirs, complete_checkpoints, pick_resume
 
     if args.resume is not None:
         if args.overwrite:
@@ -408,7 +408,7 @@ def _resume_target(out: Path, args) -> Path | None:
 
 def _flat(node, prefix: str = "") -> dict:
     """TensorBoard hparams: scalars under dotted keys."""
-    from pretrain.config import to_dict
+    from hybridps.pretrain.config import to_dict
 
     flat = {}
     for k, v in to_dict(node).items() if prefix == "" else node.items():
@@ -421,8 +421,8 @@ def _flat(node, prefix: str = "") -> dict:
 
 def _evaluator(args, cfg: FinetuneConfig, device):
     """``evaluate(model, step) -> metrics`` on the test protocol (periodic evaluation)."""
-    from finetune.datasets import load_protocol
-    from finetune.engine import run_inference
+    from hybridps.finetune.datasets import load_protocol
+    from hybridps.finetune.engine import run_inference
 
     protocol = load_protocol(args.dataset, args.root, cfg.eval.gallery_size)
     settings = SearchSettings(det_thresh=cfg.eval.det_thresh, cbgm=cfg.eval.cbgm, cross_camera=cfg.eval.cross_camera,
@@ -443,15 +443,15 @@ def _evaluator(args, cfg: FinetuneConfig, device):
 def cmd_train(args, log=logger.info) -> Path:
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import is_tensorboard_available, set_seed
-    from pretrain.model import build_search_model
-    from pretrain.state import CheckpointError, check_resumable
+    from hybridps.pretrain.model import build_search_model
+    from hybridps.pretrain.state import CheckpointError, check_resumable
 
-    from finetune.datasets import PersonSearchDataset, load_train_records, relabel, train_subset
-    from finetune.engine import resume_config, train_loop
-    from finetune.init import load_scoped, normalization_for_model, resolve_init
+    from hybridps.finetune.datasets import PersonSearchDataset, load_train_records, relabel, train_subset
+    from hybridps.finetune.engine import resume_config, train_loop
+    from hybridps.finetune.init import load_scoped, normalization_for_model, resolve_init
 
     if getattr(args, "method", "nae") == "psdiff":
-        from finetune.psdiff.run import cmd_train as cmd_train_psdiff
+        from hybridps.finetune.psdiff.run import cmd_train as cmd_train_psdiff
 
         return cmd_train_psdiff(args, log)
     if getattr(args, "teacher", None):
@@ -580,10 +580,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args, run) -> int:
-    from finetune.compare import CompareError
+    from hybridps.finetune.compare import CompareError
 
-    from finetune.engine import TrainError
-    from pretrain.cli import describe_os_error
+    from hybridps.finetune.engine import TrainError
+    from hybridps.pretrain.cli import describe_os_error
 
     def fail(code: int, line: str) -> int:
         final_error(line)

@@ -28,7 +28,7 @@ def load_metrics(path: str | Path) -> dict:
     if p.is_dir():
         p = p / "metrics.json"
     if not p.is_file():
-        raise CompareError(f"{p}: no metrics.json (run `python -m finetune eval ... --out DIR` first)")
+        raise CompareError(f"{p}: no metrics.json (run `python -m hybridps.finetune eval ... --out DIR` first)")
     data = json.loads(p.read_text())
     if "search" not in data or "detection" not in data:
         raise CompareError(f"{p}: not a finetune eval metrics file (no 'search'/'detection')")

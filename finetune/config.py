@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from pretrain.config import ConfigError, apply_override, from_dict, load_yaml_with_includes, to_dict
-from pretrain.model.config import ModelConfig
+from hybridps.pretrain.config import ConfigError, apply_override, from_dict, load_yaml_with_includes, to_dict
+from hybridps.pretrain.model.config import ModelConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DATASETS = ("cuhk_sysu", "prw", "posetrack21")

@@ -33,9 +33,9 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from data_prep.formats import get_format
-from data_prep.imageio import ImageError, decode_rgb, load_encoded
-from data_prep.record import ImageRef, Record, Skip
+from hybridps.data_prep.formats import get_format
+from hybridps.data_prep.imageio import ImageError, decode_rgb, load_encoded
+from hybridps.data_prep.record import ImageRef, Record, Skip
 
 TRAIN_SPLIT = "train"
 

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data_prep.runlog import Progress, dumps
-from finetune.config import FinetuneTrainConfig
-from finetune.datasets import EpochSampler, ImageListDataset, PersonSearchDataset, collate, read_image
-from finetune.evaluate import Detections, SearchInputs, box_iou_matrix
-from pretrain.history import History, lines_up_to, record
-from pretrain.losses.oim import init_sync_group
-from pretrain.optim import param_groups
+from hybridps.data_prep.runlog import Progress, dumps
+from hybridps.finetune.config import FinetuneTrainConfig
+from hybridps.finetune.datasets import EpochSampler, ImageListDataset, PersonSearchDataset, collate, read_image
+from hybridps.finetune.evaluate import Detections, SearchInputs, box_iou_matrix
+from hybridps.pretrain.history import History, lines_up_to, record
+from hybridps.pretrain.losses.oim import init_sync_group
+from hybridps.pretrain.optim import param_groups
 
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ RESUME_FREE = ("train.epochs", "train.max_steps", "train.num_workers", "train.lo
 def resume_config(cfg, dataset: str, init: str, init_scope: str, train_keys: list[str], world_size: int) -> dict:
     """The settings a resumed fine-tuning run must share with the saved one
     (dotted keys, compared by pretrain/state.py's ``compare_resume_config``)."""
-    from pretrain.config import to_dict
+    from hybridps.pretrain.config import to_dict
 
     flat = {}
 
@@ -126,7 +126,7 @@ class _Position:
 def _preserving_rng(fn):
     """Run ``fn`` and put every RNG back: an evaluation in the middle of
     training must not change what follows (a resumed run skips it)."""
-    from pretrain.state import rng_files, set_rng
+    from hybridps.pretrain.state import rng_files, set_rng
 
     tensors, meta = rng_files()
     try:
@@ -148,8 +148,8 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
     ``t.eval_every`` steps on rank 0 (RNG states preserved around it); its
     metrics go to ``evals.jsonl`` and the tracker, for monitoring only.
     ``make_optimizer(model, t)``: NAE's SGD unless a method brings its own (PSDiff: AdamW)."""
-    from pretrain.state import CheckpointError, load_checkpoint, save_checkpoint
-    from pretrain.train import next_checkpoint_number
+    from hybridps.pretrain.state import CheckpointError, load_checkpoint, save_checkpoint
+    from hybridps.pretrain.train import next_checkpoint_number
 
     out = Path(out)
     sampler = EpochSampler(len(dataset), t.seed)

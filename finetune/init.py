@@ -3,7 +3,7 @@
 INIT is one of
 
 * ``none`` -- random initialisation (the model's own init);
-* a registry name (``python -m checkpoints list``: released PretrainPS,
+* a registry name (``python -m hybridps.checkpoints list``: released PretrainPS,
   torchvision ImageNet, ...) -- fetched and converted by the checkpoints package;
 * a pre-training run directory (``model.safetensors`` / ``backbone.safetensors``
   + ``meta.json``, CONTRACTS section 5);
@@ -28,9 +28,9 @@ from typing import Callable
 
 import torch
 
-from checkpoints.convert import Pretrained, load_pretrained
-from checkpoints.registry import RegistryError, check_normalization
-from checkpoints.report import DEFAULT_MIN_FRACTION, InsufficientMatchError, Report, compare, module_of
+from hybridps.checkpoints.convert import Pretrained, load_pretrained
+from hybridps.checkpoints.registry import RegistryError, check_normalization
+from hybridps.checkpoints.report import DEFAULT_MIN_FRACTION, InsufficientMatchError, Report, compare, module_of
 
 SCOPES: dict[str, tuple[str, ...]] = {
     "backbone": ("backbone.", "roi_heads.box_head."),

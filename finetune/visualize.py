@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from data_prep.imageio import ImageError, decode_rgb, load_encoded
+from hybridps.data_prep.imageio import ImageError, decode_rgb, load_encoded
 
 GREEN, RED, BLUE = (40, 200, 60), (230, 40, 40), (40, 110, 240)
 ORANGE = (240, 150, 20)      # a search hit whose correctness nobody knows

@@ -1,7 +1,7 @@
-"""Entry point of ``python -m pretrain`` and ``accelerate launch -m pretrain``."""
+"""Entry point of ``python -m hybridps.pretrain`` and ``accelerate launch -m hybridps.pretrain``."""
 import sys
 
-from pretrain.cli import main
+from hybridps.pretrain.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,6 @@
-"""``python -m pretrain`` (also under ``accelerate launch -m pretrain``).
+"""``python -m hybridps.pretrain`` (also under ``accelerate launch -m hybridps.pretrain``).
 
-    python -m pretrain --config CONFIG.yaml [--shards DIR] [--out RUN] [--max-steps N]
+    python -m hybridps.pretrain --config CONFIG.yaml [--shards DIR] [--out RUN] [--max-steps N]
                        [--resume [CKPT]] [key.path=value ...]
 
 ``--shards``, ``--out``, ``--max-steps`` and ``--verify-shards`` are shorthands
@@ -8,7 +8,7 @@ for the overrides ``data.shards=``, ``train.output_dir=``, ``train.max_steps=``
 and ``data.verify_shards=true``.  ``--resume`` alone continues from the newest
 complete checkpoint under ``RUN/checkpoints``.
 
-Exit status (as ``python -m data_prep``): 0 success; 2 bad arguments, config,
+Exit status (as ``python -m hybridps.data_prep``): 0 success; 2 bad arguments, config,
 data or environment (unwritable or full disk, a run directory in the way),
 one line on stderr, never a traceback; 1 an unexpected internal error (the
 traceback with HYBRIDPS_DEBUG=1); 130 interrupted (``--resume`` continues).
@@ -22,16 +22,16 @@ import sys
 import uuid
 from pathlib import Path
 
-from data_prep.runlog import cli_logging, final_error, result
-from pretrain.config import ConfigError, load_config
+from hybridps.data_prep.runlog import cli_logging, final_error, result
+from hybridps.pretrain.config import ConfigError, load_config
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEBUG_ENV = "HYBRIDPS_DEBUG"
-PROG = "python -m pretrain"
+PROG = "python -m hybridps.pretrain"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pretrain", description="Hybrid pre-training for person search.")
+    p = argparse.ArgumentParser(prog="python -m hybridps.pretrain", description="Hybrid pre-training for person search.")
     p.add_argument("--config", required=True, help="YAML config (see pretrain/configs/)")
     p.add_argument("--shards", help="data_prep build directory (holds manifest.json)")
     p.add_argument("--out", help="run directory")
@@ -73,8 +73,8 @@ def _run(args, overrides: list[str], run) -> tuple[int, Path | None]:
         return code, None
 
     try:
-        from pretrain.data import DataError
-        from pretrain.train import TrainError, train
+        from hybridps.pretrain.data import DataError
+        from hybridps.pretrain.train import TrainError, train
 
         cfg = load_config(args.config, overrides)
         check_output_dir(Path(cfg.train.output_dir))

@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from pretrain.data import DataConfig
-from pretrain.hybrid import HybridConfig
-from pretrain.model.config import ModelConfig
+from hybridps.pretrain.data import DataConfig
+from hybridps.pretrain.hybrid import HybridConfig
+from hybridps.pretrain.model.config import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -303,7 +303,7 @@ def validate(cfg: PretrainConfig) -> None:
 
 def _raise_problems(data: dict) -> None:
     """Every bad field at once, on one line (the CLI prints it as its error)."""
-    from pretrain.validate import check_tree
+    from hybridps.pretrain.validate import check_tree
 
     problems = check_tree(PretrainConfig, data)
     if len(problems) == 1:

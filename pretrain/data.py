@@ -52,8 +52,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.augment import ViewParams, make_two_views
-from pretrain.integrity import (IntegrityError, check_header, check_manifest, check_meta, check_pixels, check_shard,
+from hybridps.pretrain.augment import ViewParams, make_two_views
+from hybridps.pretrain.integrity import (IntegrityError, check_header, check_manifest, check_meta, check_pixels, check_shard,
                                 jpeg_header, open_image)
 
 
@@ -152,7 +152,7 @@ def _manifest_shards(manifest: dict, splits: dict[str, list[str]] | None) -> lis
 
 def _read_manifest(path: Path) -> tuple[dict, str]:
     if not path.is_file():
-        raise DataError(f"manifest not found: {path} (build shards with `python -m data_prep build`)")
+        raise DataError(f"manifest not found: {path} (build shards with `python -m hybridps.data_prep build`)")
     raw = path.read_bytes()
     try:
         manifest = json.loads(raw)
@@ -582,7 +582,7 @@ def unify_reid(samples: Iterable[dict], mode: str = "expand_resize", out_size: S
                ratio_range: Sequence[float] = (1.0, 3.0), scale_range: Sequence[float] = (1.0, 1.0)) -> Iterator[dict]:
     """Put re-ID crops that were not baked onto a canvas by the builder
     (task "reid", canvas null) on a canvas online (paper: data unification)."""
-    from data_prep import canvas
+    from hybridps.data_prep import canvas
 
     for sample in samples:
         if sample["task"] == "reid" and sample["canvas"] is None:

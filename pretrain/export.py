@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from data_prep.runlog import dumps
-from pretrain.config import PretrainConfig, dump_config
-from pretrain.history import HISTORY_NAME
+from hybridps.data_prep.runlog import dumps
+from hybridps.pretrain.config import PretrainConfig, dump_config
+from hybridps.pretrain.history import HISTORY_NAME
 
 OIM_PREFIX = "roi_heads.reid_loss."
 

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pretrain.losses.iam import InterTaskAlignment, IntraTaskAlignment
-from pretrain.losses.simsiam import PredictionMLP, output_std, simsiam_loss
-from pretrain.model.config import ModelConfig
-from pretrain.model.search_model import SearchModel, build_search_model
+from hybridps.pretrain.losses.iam import InterTaskAlignment, IntraTaskAlignment
+from hybridps.pretrain.losses.simsiam import PredictionMLP, output_std, simsiam_loss
+from hybridps.pretrain.model.config import ModelConfig
+from hybridps.pretrain.model.search_model import SearchModel, build_search_model
 
 PS_LOSSES = ("loss_rpn_cls", "loss_rpn_reg", "loss_box_reg", "loss_det_cls", "loss_reid")
 

@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from data_prep.build.files import fsync_dir
+from hybridps.data_prep.build.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def resume_config(cfg, world_size: int, manifest_sha256: str) -> dict[str, Any]:
     """The settings a resumed run must share with the saved one (dotted keys)."""
-    from pretrain.config import to_dict
+    from hybridps.pretrain.config import to_dict
 
     flat = _flatten(to_dict(cfg))
     keep = {k: v for k, v in flat.items()
@@ -389,4 +389,4 @@ def check_resumable(path: Path, out: Path, current: dict[str, Any]) -> None:
         record = _read_json(meta, "run record")
         if not isinstance(record, dict):
             raise CheckpointError(f"{meta}: expected a JSON object, got {type(record).__name__} "
-                                  "(not a run directory written by python -m pretrain)")
+                                  "(not a run directory written by python -m hybridps.pretrain)")

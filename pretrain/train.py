@@ -32,18 +32,18 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
 
-from data_prep.runlog import Progress, dumps
-from pretrain.augment import ViewParams
-from pretrain.config import PretrainConfig, dump_config, to_dict
-from pretrain.data import PretrainLoader, ShardSource, open_source
-from pretrain.export import export_run
-from pretrain.guard import end_distributed, nonfinite_losses, nonfinite_parameters
-from pretrain.history import History, lines_up_to, record
-from pretrain.hybrid import HybridModel
-from pretrain.losses.oim import init_sync_group
-from pretrain.model.norm import convert_sync_batchnorm
-from pretrain.optim import param_groups
-from pretrain.state import (CheckpointError, check_resumable, checkpoint_dirs, complete_checkpoints,
+from hybridps.data_prep.runlog import Progress, dumps
+from hybridps.pretrain.augment import ViewParams
+from hybridps.pretrain.config import PretrainConfig, dump_config, to_dict
+from hybridps.pretrain.data import PretrainLoader, ShardSource, open_source
+from hybridps.pretrain.export import export_run
+from hybridps.pretrain.guard import end_distributed, nonfinite_losses, nonfinite_parameters
+from hybridps.pretrain.history import History, lines_up_to, record
+from hybridps.pretrain.hybrid import HybridModel
+from hybridps.pretrain.losses.oim import init_sync_group
+from hybridps.pretrain.model.norm import convert_sync_batchnorm
+from hybridps.pretrain.optim import param_groups
+from hybridps.pretrain.state import (CheckpointError, check_resumable, checkpoint_dirs, complete_checkpoints,
                             load_checkpoint, pick_resume, resume_config, save_checkpoint)
 
 log = logging.getLogger(__name__)

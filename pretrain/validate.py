@@ -160,7 +160,7 @@ def _cross(v: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- the walk
 def rule_names(cls, prefix: str = "") -> list[str]:
     """Dotted names of every leaf field of a config dataclass tree."""
-    from pretrain.config import _hints
+    from hybridps.pretrain.config import _hints
 
     hints, out = _hints(cls), []
     for f in dataclasses.fields(cls):
@@ -174,7 +174,7 @@ def rule_names(cls, prefix: str = "") -> list[str]:
 
 def check_tree(cls, data: Any, prefix: str = "", flat: dict | None = None) -> list[str]:
     """Every problem of a raw (merged YAML) config: unknown keys, types, ranges."""
-    from pretrain.config import ConfigError, _coerce, _hints, _unknown_key_error
+    from hybridps.pretrain.config import ConfigError, _coerce, _hints, _unknown_key_error
 
     top = flat is None
     flat = {} if top else flat

@@ -1,4 +1,4 @@
-"""The Python API (finetune/api.py) and ``python -m finetune search``.
+"""The Python API (finetune/api.py) and ``python -m hybridps.finetune search``.
 
 The API's ranking is checked against the evaluator's own feature path
 (finetune.engine.run_inference + finetune.evaluate.eval_search) on a tiny
@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from data_prep.synth import prw as synth_prw
-from finetune import cli
-from finetune.api import APIError, PersonSearchModel, create_model, rank
-from finetune.api import search as api_search
-from finetune.config import load_config
-from finetune.datasets import load_protocol
-from finetune.engine import run_inference
-from finetune.evaluate import SearchSettings, eval_search
+from hybridps.data_prep.synth import prw as synth_prw
+from hybridps.finetune import cli
+from hybridps.finetune.api import APIError, PersonSearchModel, create_model, rank
+from hybridps.finetune.api import search as api_search
+from hybridps.finetune.config import load_config
+from hybridps.finetune.datasets import load_protocol
+from hybridps.finetune.engine import run_inference
+from hybridps.finetune.evaluate import SearchSettings, eval_search
 
 TINY = Path(__file__).resolve().parents[1] / "finetune" / "configs" / "tiny.yaml"
 FAST = ["model.min_size=96", "model.max_size=176", "model.roi_batch_size=8", "model.rpn_post_nms_train=32",
@@ -115,7 +115,7 @@ def test_rank_ties_and_threshold():
 def test_create_model_from_the_other_weight_kinds(world, tmp_path, monkeypatch, one_thread):
     import torchvision
 
-    from checkpoints import cli as ckpt_cli
+    from hybridps.checkpoints import cli as ckpt_cli
 
     _, run = world
     state = load_file(str(run / "model.safetensors"))
@@ -162,7 +162,7 @@ def test_create_model_from_the_other_weight_kinds(world, tmp_path, monkeypatch, 
 
 
 def test_create_model_from_a_published_run(world, tmp_path, monkeypatch, one_thread):
-    from checkpoints import cli as ckpt_cli
+    from hybridps.checkpoints import cli as ckpt_cli
     from hub_emulation import start_hub
 
     _, run = world
@@ -181,7 +181,7 @@ def test_create_model_from_a_published_run(world, tmp_path, monkeypatch, one_thr
         assert m.det_thresh == local.det_thresh
         assert all(torch.equal(v, m.state_dict()[k]) for k, v in local.state_dict().items())
         # fine-tuning's --init takes the same address (checkpoints.read_source)
-        from finetune.init import resolve_init
+        from hybridps.finetune.init import resolve_init
 
         init = resolve_init("hf://me/tiny-prw")
         assert init.backbone == "resnet18" and torch.equal(

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import cli, imageio
-from data_prep.formats import FORMATS, get_format
-from data_prep.manifest import load_manifest, shard_paths
-from data_prep.preview import read_samples
-from data_prep.record import Record
-from data_prep.synth import write_world, writer_module
+from hybridps.data_prep import cli, imageio
+from hybridps.data_prep.formats import FORMATS, get_format
+from hybridps.data_prep.manifest import load_manifest, shard_paths
+from hybridps.data_prep.preview import read_samples
+from hybridps.data_prep.record import Record
+from hybridps.data_prep.synth import write_world, writer_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -206,8 +206,8 @@ def test_global_identity_space(full_build):
 
 
 def test_assign_build_rules():
-    from data_prep.identity import assign_build
-    from data_prep.record import ImageRef
+    from hybridps.data_prep.identity import assign_build
+    from hybridps.data_prep.record import ImageRef
 
     def rec(task, labeled, ids, key):
         return Record("d", "train", key, ImageRef("file", "x"), task, labeled, [[0, 0, 1, 1]] * len(ids), ids)
@@ -334,8 +334,8 @@ def test_header_size_disagreeing_with_annotation_clips_and_counts_fix(world, tmp
 
 
 def test_encode_job_counts_unreadable_images(tmp_path):
-    from data_prep.build.encode import Dropped, EncodeSettings, Job, Sample, encode_job
-    from data_prep.record import ImageRef
+    from hybridps.data_prep.build.encode import Dropped, EncodeSettings, Job, Sample, encode_job
+    from hybridps.data_prep.record import ImageRef
 
     good = np.zeros((20, 10, 3), np.uint8)
     png = io.BytesIO()
@@ -361,7 +361,7 @@ RESUME_ARGS = ["--shard-size", 3, "--quiet"]
 
 
 def _build_cmd(out, world, extra=()):
-    return [sys.executable, "-m", "data_prep", "build", str(out), *sources(world, ["market1501", "crowdhuman"]),
+    return [sys.executable, "-m", "hybridps.data_prep", "build", str(out), *sources(world, ["market1501", "crowdhuman"]),
             *[str(a) for a in RESUME_ARGS], *map(str, extra)]
 
 
@@ -483,8 +483,8 @@ def test_canvas_baked_for_reid_only(world, tmp_path, mode):
 def test_identity_spaces_keep_split_label_spaces_apart():
     """MSMT17 query/gallery labels restart at 0 for other people: building
     train+query must not merge them with train identities."""
-    from data_prep.identity import assign_build
-    from data_prep.record import ImageRef, Record
+    from hybridps.data_prep.identity import assign_build
+    from hybridps.data_prep.record import ImageRef, Record
 
     def rec(split, key, pid):
         return Record("msmt17", split, key, ImageRef("file", "x.jpg"), "reid", True, [[0, 0, 8, 16]], [pid])

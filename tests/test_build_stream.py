@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.build import BuildOptions
-from data_prep.build import spill as spill_mod
-from data_prep.build.plan import plan_build, resolve_splits
-from data_prep.build.shards import JOURNAL_NAME, Journal
-from data_prep.build.spill import RecordSpill, dump_record, load_record
-from data_prep.formats import get_format
-from data_prep.identity import assign_build
-from data_prep.manifest import load_manifest
-from data_prep.record import ImageRef, Record
+from hybridps.data_prep.build import BuildOptions
+from hybridps.data_prep.build import spill as spill_mod
+from hybridps.data_prep.build.plan import plan_build, resolve_splits
+from hybridps.data_prep.build.shards import JOURNAL_NAME, Journal
+from hybridps.data_prep.build.spill import RecordSpill, dump_record, load_record
+from hybridps.data_prep.formats import get_format
+from hybridps.data_prep.identity import assign_build
+from hybridps.data_prep.manifest import load_manifest
+from hybridps.data_prep.record import ImageRef, Record
 
 from test_build import REPO, run_cli, sources, synth_world, tree_bytes
 
@@ -105,7 +105,7 @@ def test_killed_build_resumes_on_the_appended_journal(world, tmp_path):
 
     out = tmp_path / "killed"
     log = tmp_path / "stderr.txt"
-    cmd = [sys.executable, "-m", "data_prep", "build", str(out), *sources(world[0], NAMES), *map(str, ARGS),
+    cmd = [sys.executable, "-m", "hybridps.data_prep", "build", str(out), *sources(world[0], NAMES), *map(str, ARGS),
            "--workers", "2"]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stderr=f, stdout=subprocess.DEVNULL, cwd=REPO,
@@ -144,8 +144,8 @@ def test_luperson_lmdb_entries_stream_in_key_order_first_duplicate_wins(tmp_path
     import lmdb
     from PIL import Image
 
-    from data_prep.formats import luperson
-    from data_prep.record import Skip
+    from hybridps.data_prep.formats import luperson
+    from hybridps.data_prep.record import Skip
 
     root = tmp_path / "LUP"
     (root / "lmdb").mkdir(parents=True)
@@ -168,8 +168,8 @@ def test_luperson_lmdb_entries_stream_in_key_order_first_duplicate_wins(tmp_path
 
 # --------------------------------------------------------------------------- --max-side
 def _samples_by_key(out: Path) -> dict[str, dict]:
-    from data_prep.manifest import shard_paths
-    from data_prep.preview import read_samples
+    from hybridps.data_prep.manifest import shard_paths
+    from hybridps.data_prep.preview import read_samples
 
     got = {}
     for p in shard_paths(load_manifest(out), out):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from data_prep.canvas import (CONSTANT_FILL, apply_placement, expand_resize, plan_expand_resize,
+from hybridps.data_prep.canvas import (CONSTANT_FILL, apply_placement, expand_resize, plan_expand_resize,
                               plan_random_paste, random_paste)
 
 RED = (230, 20, 20)

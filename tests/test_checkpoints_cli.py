@@ -9,11 +9,11 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from checkpoints import cli, registry
-from checkpoints.convert import canonicalize, convert, export, load_pretrained
-from checkpoints.safe_load import load_checkpoint
-from checkpoints.style import StyleMismatchError
-from checkpoints.targets import TARGETS, get_target
+from hybridps.checkpoints import cli, registry
+from hybridps.checkpoints.convert import canonicalize, convert, export, load_pretrained
+from hybridps.checkpoints.safe_load import load_checkpoint
+from hybridps.checkpoints.style import StyleMismatchError
+from hybridps.checkpoints.targets import TARGETS, get_target
 
 
 @pytest.fixture(autouse=True)

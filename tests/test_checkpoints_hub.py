@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import cli
-from checkpoints.convert import load_pretrained, read_source
-from checkpoints.hub import HubError, model_card, parse_hf
+from hybridps.checkpoints import cli
+from hybridps.checkpoints.convert import load_pretrained, read_source
+from hybridps.checkpoints.hub import HubError, model_card, parse_hf
 from hub_emulation import start_hub
 
 TOKEN = "hf_test_token"

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torchvision
 
-from checkpoints import arch as archs
-from checkpoints.convert import canonicalize, convert, export, read_source, to_canonical
-from checkpoints.layouts import detect_layout
-from checkpoints.layouts.base import detect_arch_canonical
-from checkpoints.layouts.detectron2 import from_d2, to_d2
-from checkpoints.report import InsufficientMatchError, load_into
-from checkpoints.targets import get_target
+from hybridps.checkpoints import arch as archs
+from hybridps.checkpoints.convert import canonicalize, convert, export, read_source, to_canonical
+from hybridps.checkpoints.layouts import detect_layout
+from hybridps.checkpoints.layouts.base import detect_arch_canonical
+from hybridps.checkpoints.layouts.detectron2 import from_d2, to_d2
+from hybridps.checkpoints.report import InsufficientMatchError, load_into
+from hybridps.checkpoints.targets import get_target
 
 REF = Path(__file__).parent / "data"  # peer key lists (see data/README.md)
 

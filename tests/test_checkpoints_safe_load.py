@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints.convert import convert
-from checkpoints.safe_load import NotAStateDictError, UnsafeFileError, load_checkpoint, load_pickle_arrays, \
+from hybridps.checkpoints.convert import convert
+from hybridps.checkpoints.safe_load import NotAStateDictError, UnsafeFileError, load_checkpoint, load_pickle_arrays, \
     load_state_dict
 
 

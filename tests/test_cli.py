@@ -1,4 +1,4 @@
-"""python -m data_prep: synth / build argument errors / preview / inspect."""
+"""python -m hybridps.data_prep: synth / build argument errors / preview / inspect."""
 from __future__ import annotations
 
 import json
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import cli
-from data_prep.formats import FORMATS
-from data_prep.preview import BACKGROUND
-from data_prep.synth import write_world, writer_module
+from hybridps.data_prep import cli
+from hybridps.data_prep.formats import FORMATS
+from hybridps.data_prep.preview import BACKGROUND
+from hybridps.data_prep.synth import write_world, writer_module
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = ["market1501", "crowdhuman", "cuhk_sysu", "ecp"]
@@ -24,7 +24,7 @@ def run_cli(*argv) -> int:
 
 
 def run_module(*argv, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_prep", *map(str, argv)], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hybridps.data_prep", *map(str, argv)], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
 

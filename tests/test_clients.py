@@ -18,10 +18,10 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from checkpoints import cli
-from checkpoints.convert import canonicalize, convert, export
-from checkpoints.safe_load import load_checkpoint
-from checkpoints.targets import TARGETS, ClientMismatchError, config_line, get_target
+from hybridps.checkpoints import cli
+from hybridps.checkpoints.convert import canonicalize, convert, export
+from hybridps.checkpoints.safe_load import load_checkpoint
+from hybridps.checkpoints.targets import TARGETS, ClientMismatchError, config_line, get_target
 
 DATA = Path(__file__).parent / "data"
 NAE_ANCHORS = [32, 64, 128, 256, 512]

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from finetune.cli import main
-from finetune.compare import CompareError, compare_table
+from hybridps.finetune.cli import main
+from hybridps.finetune.compare import CompareError, compare_table
 
 
 def _metrics(tmp_path, name, mAP, top1, det_ap):

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torchvision
 
-from checkpoints import cli
-from checkpoints.safe_load import load_checkpoint
-from pretrain.config import load_config
-from pretrain.export import export_run
-from pretrain.model import build_search_model
+from hybridps.checkpoints import cli
+from hybridps.checkpoints.safe_load import load_checkpoint
+from hybridps.pretrain.config import load_config
+from hybridps.pretrain.export import export_run
+from hybridps.pretrain.model import build_search_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,10 +35,10 @@ def tiny_run(out: Path, *overrides: str) -> Path:
 def demo_export_argv(run: Path, out: Path) -> list[str]:
     """The demo's own step-4 command (scripts/demo.sh), with its folders replaced."""
     lines = [ln.strip() for ln in (ROOT / "scripts" / "demo.sh").read_text().splitlines()
-             if ln.strip().startswith('"$PYTHON" -m checkpoints export')]
-    assert len(lines) == 1, "scripts/demo.sh must export with one `python -m checkpoints export` line"
+             if ln.strip().startswith('"$PYTHON" -m hybridps.checkpoints export')]
+    assert len(lines) == 1, "scripts/demo.sh must export with one `python -m hybridps.checkpoints export` line"
     argv = shlex.split(lines[0].replace('"$OUT/pretrain"', str(run)).replace('"$OUT/export"', str(out)))
-    assert argv[:3] == ["$PYTHON", "-m", "checkpoints"]
+    assert argv[:3] == ["$PYTHON", "-m", "hybridps.checkpoints"]
     return argv[3:]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep.synth.render import STYLES, appearance_for, domain_gap, effective_style, render_crop, stable_rng
+from hybridps.data_prep.synth.render import STYLES, appearance_for, domain_gap, effective_style, render_crop, stable_rng
 
 
 def _crop(name: str, gap: float) -> np.ndarray:
@@ -44,7 +44,7 @@ def test_gap_changes_pixels_but_default_is_unchanged():
 
 
 def test_synth_cli_takes_the_gap_and_bench_size(tmp_path):
-    from data_prep.cli import main
+    from hybridps.data_prep.cli import main
 
     assert main(["synth", str(tmp_path / "w"), "--only", "prw", "--size", "bench", "--domain-gap", "2"]) == 0
     import json

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from data_prep.protocol import GalleryImage, Protocol, Query
-from data_prep.record import ImageRef
-from finetune.evaluate import (
+from hybridps.data_prep.protocol import GalleryImage, Protocol, Query
+from hybridps.data_prep.record import ImageRef
+from hybridps.finetune.evaluate import (
     Detections,
     EvaluationError,
     SearchInputs,
@@ -27,7 +27,7 @@ from finetune.evaluate import (
     eval_search,
     small_box_iou_thresh,
 )
-from finetune.results_io import ResultsFileError, check_against_protocol, read_results, write_results
+from hybridps.finetune.results_io import ResultsFileError, check_against_protocol, read_results, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,7 +181,7 @@ def test_iou_rule_unknown_is_a_clear_error():
 
 
 def test_subset_summary_averages_the_subset_rows():
-    from finetune.evaluate import subset_summary
+    from hybridps.finetune.evaluate import subset_summary
 
     protocol, inputs = cuhk_case(gallery_size=50)
     # two queries: the first is the hand case (AP 5/9), the second finds nothing (AP 0)
@@ -437,7 +437,7 @@ def test_segment_ap_equals_per_query_average_precision_bit_for_bit(seed):
     very float that per-query ``average_precision`` gives -- with heavy ties,
     a segment without positives, segments with >8 and >64 positives (other
     summation paths) and segments of one row."""
-    from finetune.evaluate import _segment_ap
+    from hybridps.finetune.evaluate import _segment_ap
 
     rng = np.random.default_rng(seed)
     sizes = [1, 5, 40, 300, 2000, 17, 0, 9]
@@ -474,7 +474,7 @@ def test_cuhk_blocks_of_queries_give_the_same_numbers(monkeypatch):
     """Queries are processed in blocks sized by a cell budget; blocks of one
     or two queries give exactly what one block gives, and both equal the loop
     reference (duplicated list entries present)."""
-    from finetune import evaluate
+    from hybridps.finetune import evaluate
 
     bench = _loop_reference()
     protocol, inputs = bench.make_case(n_images=150, n_ids=40, persons_per_image=(2, 6), n_queries=30,

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from data_prep.synth import cuhk_sysu as synth_cuhk
-from data_prep.synth import prw as synth_prw
-from finetune import cli
-from finetune.config import load_config
-from finetune.datasets import (
+from hybridps.data_prep.synth import cuhk_sysu as synth_cuhk
+from hybridps.data_prep.synth import prw as synth_prw
+from hybridps.finetune import cli
+from hybridps.finetune.config import load_config
+from hybridps.finetune.datasets import (
     PersonSearchDataset,
     hflip,
     load_protocol,
@@ -25,11 +25,11 @@ from finetune.datasets import (
     relabel,
     train_subset,
 )
-from finetune.engine import lr_factor
-from finetune.evaluate import Detections, SearchInputs
-from finetune.init import InitError, load_scoped, resolve_init
-from finetune.results_io import write_results
-from pretrain.model import build_search_model
+from hybridps.finetune.engine import lr_factor
+from hybridps.finetune.evaluate import Detections, SearchInputs
+from hybridps.finetune.init import InitError, load_scoped, resolve_init
+from hybridps.finetune.results_io import write_results
+from hybridps.pretrain.model import build_search_model
 
 TINY = Path(__file__).resolve().parents[1] / "finetune" / "configs" / "tiny.yaml"
 # even smaller than tiny.yaml: these tests check plumbing, not learning
@@ -354,7 +354,7 @@ def test_accelerate_launch_two_processes(prw, tmp_path):
     root, _ = prw
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finetune", "train", "--dataset", "prw",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hybridps.finetune", "train", "--dataset", "prw",
            "--root", str(root), "--config", str(TINY), "--init", "none", "--out", str(tmp_path / "run"),
            "--max-steps", "2", "--eval-every", "1", *FAST]       # rank 0 evaluates at step 1, rank 1 waits
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
@@ -370,8 +370,8 @@ def test_accelerate_launch_two_processes(prw, tmp_path):
 
 
 def test_inference_feeds_the_evaluator_with_cbgm_context(prw):
-    from finetune.engine import run_inference
-    from finetune.evaluate import SearchSettings, eval_search
+    from hybridps.finetune.engine import run_inference
+    from hybridps.finetune.evaluate import SearchSettings, eval_search
 
     root, _ = prw
     protocol = load_protocol("prw", root)
@@ -393,7 +393,7 @@ def test_inference_feeds_the_evaluator_with_cbgm_context(prw):
 
 
 def test_eval_results_posetrack21_prw_style(tmp_path):
-    from data_prep.synth import posetrack21 as synth_pt21
+    from hybridps.data_prep.synth import posetrack21 as synth_pt21
 
     root = tmp_path / "posetrack21"
     truth = synth_pt21.write(root, seed=0, size="tiny")

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_prep.synth import prw as synth_prw
-from finetune import cli
+from hybridps.data_prep.synth import prw as synth_prw
+from hybridps.finetune import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "finetune" / "configs" / "tiny.yaml"
@@ -82,7 +82,7 @@ def test_killed_then_resumed_run_ends_with_identical_weights(prw, reference, tmp
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HYBRIDPS_FAULT": "checkpoint_renamed@4"}
     # --eval-every 2: the evaluation at step 2 must not change what follows either
-    proc = subprocess.run([sys.executable, "-m", "finetune", *argv(prw, out, "--save-every", "2", "--eval-every", "2")],
+    proc = subprocess.run([sys.executable, "-m", "hybridps.finetune", *argv(prw, out, "--save-every", "2", "--eval-every", "2")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert not (out / "model.safetensors").exists()                         # it died mid-run

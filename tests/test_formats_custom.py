@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_prep.formats import coco, crops, get_format
-from data_prep.record import Record
-from data_prep.synth import coco as synth_coco
-from data_prep.synth import crops as synth_crops
+from hybridps.data_prep.formats import coco, crops, get_format
+from hybridps.data_prep.record import Record
+from hybridps.data_prep.synth import coco as synth_coco
+from hybridps.data_prep.synth import crops as synth_crops
 from test_formats_det import Parsed, assert_matches_truth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,16 +210,16 @@ def custom_build(tmp_path_factory):
     base = tmp_path_factory.mktemp("custom")
     synth, out = base / "synth", base / "shards"
     names = ("coco", "crowdhuman", "crops", "luperson")
-    _run("-m", "data_prep", "synth", synth, "--only", ",".join(names))
-    _run("-m", "data_prep", "build", out, *(a for n in names for a in ("--source", f"{n}={synth / n}")),
+    _run("-m", "hybridps.data_prep", "synth", synth, "--only", ",".join(names))
+    _run("-m", "hybridps.data_prep", "build", out, *(a for n in names for a in ("--source", f"{n}={synth / n}")),
          "--workers", "1", "--quiet")
     return synth, out, json.loads((synth / "synth_truth.json").read_text())
 
 
 def test_build_maps_sources_to_tasks_and_identities(custom_build, tmp_path):
-    from data_prep.manifest import load_manifest, shard_paths
-    from data_prep.preview import read_samples
-    from pretrain.train import task_domains
+    from hybridps.data_prep.manifest import load_manifest, shard_paths
+    from hybridps.data_prep.preview import read_samples
+    from hybridps.pretrain.train import task_domains
 
     synth, out, truth = custom_build
     m = load_manifest(out)
@@ -242,7 +242,7 @@ def test_build_maps_sources_to_tasks_and_identities(custom_build, tmp_path):
     assert all(len(g) == 1 for loc, g in by_local.items() if loc >= 0)   # one identity -> one global id
     # the same tree with labels=none: no labeled id at all, one pseudo id per crop
     flat = tmp_path / "flat"
-    _run("-m", "data_prep", "build", flat, "--source", f"crops={synth / 'crops'}",
+    _run("-m", "hybridps.data_prep", "build", flat, "--source", f"crops={synth / 'crops'}",
          "--format-option", "crops:labels=none", "--workers", "1", "--quiet")
     f = load_manifest(flat)["datasets"]["crops"]
     assert (f["labeled"], f["num_labeled_ids"], f["num_pseudo_ids"]) == (False, 0, len(t["records"]))
@@ -256,7 +256,7 @@ def test_short_pretraining_run_on_custom_sources(custom_build, tmp_path):
 
     _, shards, _ = custom_build
     run = tmp_path / "run"
-    _run("-m", "pretrain", "--config", ROOT / "pretrain/configs/tiny.yaml", "--shards", shards, "--out", run,
+    _run("-m", "hybridps.pretrain", "--config", ROOT / "pretrain/configs/tiny.yaml", "--shards", shards, "--out", run,
          "--max-steps", 2, "train.progress=false", "train.log_with=null", timeout=400)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert (cfg["hybrid"]["det_domains"], cfg["hybrid"]["reid_domains"]) == ([0, 1], [2, 3])
@@ -268,13 +268,13 @@ def test_short_pretraining_run_on_custom_sources(custom_build, tmp_path):
 
 # --------------------------------------------------------------------------- hostile inputs (the real build)
 def _build(out: Path, name: str, root: Path, *extra) -> int:
-    from data_prep import cli
+    from hybridps.data_prep import cli
 
     return cli.main(["build", str(out), "--source", f"{name}={root}", "--quiet", "--workers", "1", *map(str, extra)])
 
 
 def _skipped(out: Path, name: str) -> dict:
-    from data_prep.manifest import load_manifest
+    from hybridps.data_prep.manifest import load_manifest
 
     return load_manifest(out)["datasets"][name]["splits"]["train"]["skipped"]
 
@@ -283,8 +283,8 @@ def _skipped(out: Path, name: str) -> dict:
 def test_coco_non_finite_box_dropped_by_the_shared_record_check(coco_copy, tmp_path, value):
     import numpy as np
 
-    from data_prep.manifest import load_manifest, shard_paths
-    from data_prep.preview import read_samples
+    from hybridps.data_prep.manifest import load_manifest, shard_paths
+    from hybridps.data_prep.preview import read_samples
 
     root = _copy(coco_copy[0], tmp_path)
     path = _instances(root)

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_prep.formats import crowdhuman, ecp, get_format, luperson
-from data_prep.imageio import ImageError, check_jpeg_complete, image_size, load_encoded
-from data_prep.record import Fix, Record, Skip
-from data_prep.synth import crowdhuman as synth_crowdhuman
-from data_prep.synth import ecp as synth_ecp
-from data_prep.synth import luperson as synth_luperson
+from hybridps.data_prep.formats import crowdhuman, ecp, get_format, luperson
+from hybridps.data_prep.imageio import ImageError, check_jpeg_complete, image_size, load_encoded
+from hybridps.data_prep.record import Fix, Record, Skip
+from hybridps.data_prep.synth import crowdhuman as synth_crowdhuman
+from hybridps.data_prep.synth import ecp as synth_ecp
+from hybridps.data_prep.synth import luperson as synth_luperson
 
 
 # --------------------------------------------------------------------------- helpers

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import scipy.io
 
-from data_prep.formats import get_format
-from data_prep.protocol import Protocol
-from data_prep.record import Fix, Record, Skip
-from data_prep.synth import cuhk_sysu as synth_cuhk
-from data_prep.synth import posetrack21 as synth_pt21
-from data_prep.synth import prw as synth_prw
+from hybridps.data_prep.formats import get_format
+from hybridps.data_prep.protocol import Protocol
+from hybridps.data_prep.record import Fix, Record, Skip
+from hybridps.data_prep.synth import cuhk_sysu as synth_cuhk
+from hybridps.data_prep.synth import posetrack21 as synth_pt21
+from hybridps.data_prep.synth import prw as synth_prw
 
 WRITERS = {"cuhk_sysu": synth_cuhk, "prw": synth_prw, "posetrack21": synth_pt21}
 FORMATS = tuple(WRITERS)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import scipy.io
 
-from data_prep.formats import cuhk03, market1501, msmt17
-from data_prep.imageio import decode_rgb, load_encoded
-from data_prep.record import Fix, Record, Skip
-from data_prep.synth import cuhk03 as synth_cuhk03
-from data_prep.synth import market1501 as synth_market
-from data_prep.synth import msmt17 as synth_msmt17
+from hybridps.data_prep.formats import cuhk03, market1501, msmt17
+from hybridps.data_prep.imageio import decode_rgb, load_encoded
+from hybridps.data_prep.record import Fix, Record, Skip
+from hybridps.data_prep.synth import cuhk03 as synth_cuhk03
+from hybridps.data_prep.synth import market1501 as synth_market
+from hybridps.data_prep.synth import msmt17 as synth_msmt17
 
 
 def collect(items):

@@ -1,4 +1,4 @@
-"""Hostile files, faults and bad values against ``python -m checkpoints`` (issue 9).
+"""Hostile files, faults and bad values against ``python -m hybridps.checkpoints`` (issue 9).
 
 Every input is made here for real: pickles written byte by byte, ``torch.save``
 files whose metadata holds itself or nests 20000 deep, zip archives whose
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints import cli, registry
-from checkpoints.safe_load import NotAStateDictError, UnsafeFileError, load_checkpoint
+from hybridps.checkpoints import cli, registry
+from hybridps.checkpoints.safe_load import NotAStateDictError, UnsafeFileError, load_checkpoint
 from test_hostile_data import deep_pickle, laughs_pickle, self_pickle
 
 
@@ -163,7 +163,7 @@ import io
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from checkpoints.download import DownloadError, download_url
+from hybridps.checkpoints.download import DownloadError, download_url
 
 
 def torch_bytes() -> bytes:
@@ -355,7 +355,7 @@ def test_nan_weights_refused_unless_force(tmp_path, capsys):
 
 def test_internal_error_is_exit_1_without_traceback(tmp_path, capsys, monkeypatch):
     """A bug (here: an unexpected exception type from a layout) is exit 1, one line, unless HYBRIDPS_DEBUG."""
-    from checkpoints import cli as ck
+    from hybridps.checkpoints import cli as ck
     monkeypatch.setattr(ck, "cmd_list", lambda args: (_ for _ in ()).throw(ZeroDivisionError("boom")))
     parser_main = ck.main
     # cmd_list was bound at parser build time: rebuild so the replacement is used

@@ -1,4 +1,4 @@
-"""Hostile files, faults and bad values against ``python -m data_prep`` (issue 9).
+"""Hostile files, faults and bad values against ``python -m hybridps.data_prep`` (issue 9).
 
 Every input is made here for real: pickles written byte by byte (a list that
 reuses itself level after level, a list that holds itself), user files in an
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import cli
-from data_prep.formats import luperson
+from hybridps.data_prep import cli
+from hybridps.data_prep.formats import luperson
 from test_build import sources, synth_world
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def test_second_build_on_same_out_exits_2(world, tmp_path, capsys):
     out = tmp_path / "busy"
     log = tmp_path / "stderr.txt"
     env = {**os.environ, "HYBRIDPS_BUILD_STALL_AFTER": "3", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "data_prep", "build", str(out), *sources(world[0], ["market1501"]),
+    cmd = [sys.executable, "-m", "hybridps.data_prep", "build", str(out), *sources(world[0], ["market1501"]),
            "--workers", "1", "--quiet", "--shard-size", "5"]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stderr=f, stdout=subprocess.DEVNULL, cwd=REPO, env=env)
@@ -171,9 +171,9 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from data_prep import imageio
-from data_prep.manifest import load_manifest, shard_paths
-from data_prep.preview import read_samples
+from hybridps.data_prep import imageio
+from hybridps.data_prep.manifest import load_manifest, shard_paths
+from hybridps.data_prep.preview import read_samples
 
 
 def copy_dataset(world, name: str, tmp_path: Path) -> Path:
@@ -315,7 +315,7 @@ def test_non_finite_box_dropped_with_reason(world, tmp_path, value):
 
 
 def test_check_record_drops_every_bad_box_shape():
-    from data_prep.record import ImageRef, Record, check_record
+    from hybridps.data_prep.record import ImageRef, Record, check_record
     rec = Record("x", "train", "k", ImageRef("file", "/nonexistent"), "det", False,
                  boxes=[[0, 0, 10, 10], [float("nan"), 0, 1, 1], [0, 0, 1], "abcd", [0, 0, True, 5],
                         [0, 0, 2e6, 5]], ids=[-1] * 6, ignore=[[0, 0, float("inf"), 1]])

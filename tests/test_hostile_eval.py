@@ -1,4 +1,4 @@
-"""Hostile files and bad values against ``python -m finetune`` (issue 9).
+"""Hostile files and bad values against ``python -m hybridps.finetune`` (issue 9).
 
 Real results files written by ``write_results`` and then poisoned (NaN
 features, inf boxes, a ``meta`` that is a list), ``.npz`` archives written
@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.synth import prw as synth_prw
-from finetune import cli
-from finetune.datasets import load_protocol
-from finetune.evaluate import Detections, SearchInputs
-from finetune.results_io import ResultsFileError, read_results, write_results
+from hybridps.data_prep.synth import prw as synth_prw
+from hybridps.finetune import cli
+from hybridps.finetune.datasets import load_protocol
+from hybridps.finetune.evaluate import Detections, SearchInputs
+from hybridps.finetune.results_io import ResultsFileError, read_results, write_results
 from test_finetune import FAST, TINY, _oracle
 
 
@@ -37,9 +37,9 @@ def prw(tmp_path_factory):
 
 
 def one_line_error(capsys) -> str:
-    """The one error line; the run's log lines ("python -m finetune: ...") may precede it."""
+    """The one error line; the run's log lines ("python -m hybridps.finetune: ...") may precede it."""
     err = capsys.readouterr().err.strip()
-    lines = [ln for ln in err.splitlines() if not ln.startswith("python -m finetune: ")]
+    lines = [ln for ln in err.splitlines() if not ln.startswith("python -m hybridps.finetune: ")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 
@@ -76,7 +76,7 @@ def test_non_finite_results_refused(prw, tmp_path, capsys, what):
 
 def test_non_finite_model_outputs_refused_by_the_evaluator(prw):
     """The same check sits in the evaluator, so a model's NaN outputs never score either."""
-    from finetune.evaluate import EvaluationError, SearchSettings, eval_search
+    from hybridps.finetune.evaluate import EvaluationError, SearchSettings, eval_search
     _, protocol = prw
     with pytest.raises(EvaluationError, match="NaN/inf"):
         eval_search(protocol, _poison(_oracle(protocol), "feats"), SearchSettings())
@@ -197,7 +197,7 @@ def test_run_dir_meta_json_not_an_object(prw, tmp_path, capsys, meta):
 @pytest.mark.parametrize("mean", [5, [1, 2], ["a", "b", "c"], [float("nan"), 0, 0]])
 def test_checkpoint_normalization_metadata_checked(tmp_path, capsys, mean):
     from torchvision.models import resnet18
-    from checkpoints import cli as ck_cli
+    from hybridps.checkpoints import cli as ck_cli
     path = tmp_path / "r18.pth"
     torch.save({"state_dict": resnet18().state_dict(), "meta": {"mean": mean, "std": [1, 1, 1]}}, path)
     assert ck_cli.main(["inspect", str(path)]) == 2
@@ -230,8 +230,8 @@ def test_finetune_exit_contract(monkeypatch, capsys, exc, code, words):
 def test_finetune_image_reader_refuses_bombs_and_scales_16_bit(tmp_path):
     from PIL import Image
 
-    from data_prep.record import ImageRef
-    from finetune.datasets import DatasetError, read_image
+    from hybridps.data_prep.record import ImageRef
+    from hybridps.finetune.datasets import DatasetError, read_image
     from test_hostile_data import png_with_size
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_with_size(60000, 60000))

@@ -1,4 +1,4 @@
-"""Hostile files, faults and bad values against ``python -m pretrain`` (issue 9).
+"""Hostile files, faults and bad values against ``python -m hybridps.pretrain`` (issue 9).
 
 Every input is made here for real: pickles with a ``__reduce__`` payload that
 writes a marker file, shards rewritten with webdataset's TarWriter, JPEGs
@@ -28,11 +28,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pretrain import data as D
-from pretrain.cli import main
-from pretrain.config import ConfigError, PretrainConfig, load_config
-from pretrain.state import COMPLETE, pick_resume, verify
-from pretrain.validate import RULES, rule_names
+from hybridps.pretrain import data as D
+from hybridps.pretrain.cli import main
+from hybridps.pretrain.config import ConfigError, PretrainConfig, load_config
+from hybridps.pretrain.state import COMPLETE, pick_resume, verify
+from hybridps.pretrain.validate import RULES, rule_names
 from test_pretrain_data import LAYOUT, write_test_build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def args(build: Path, out: Path, steps: int, *extra: str) -> list[str]:
 
 
 def run(tmp: Path, build: Path, out: Path, steps: int, *extra: str, timeout: int = 120, **env_extra):
-    return subprocess.run([PY, "-m", "pretrain", *args(build, out, steps, *extra)], capture_output=True, text=True,
+    return subprocess.run([PY, "-m", "hybridps.pretrain", *args(build, out, steps, *extra)], capture_output=True, text=True,
                           env=env(tmp, **env_extra), timeout=timeout)
 
 
@@ -68,7 +68,7 @@ def in_process(capsys, build: Path, out: Path, steps: int, *extra: str) -> tuple
 
 
 def one_line_error(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("python -m pretrain: error")]
+    lines = [ln for ln in err.splitlines() if ln.startswith("python -m hybridps.pretrain: error")]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     return lines[0]
 
@@ -220,7 +220,7 @@ def test_half_written_and_truncated_checkpoints_fall_back(trained, build, tmp_pa
 
 
 def test_export_files_appear_whole_or_not_at_all(tmp_path):
-    from pretrain.export import _atomic
+    from hybridps.pretrain.export import _atomic
 
     def dies_halfway(p):
         p.write_bytes(b"half a file")
@@ -499,7 +499,7 @@ def test_environment_errors_are_one_line_exit_2(build, tmp_path, capsys):
 
 def test_interrupt_exits_130(build, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([PY, "-m", "pretrain", *args(build, out, 500)], env=env(tmp_path),
+    proc = subprocess.Popen([PY, "-m", "hybridps.pretrain", *args(build, out, 500)], env=env(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 90
@@ -515,7 +515,8 @@ def test_interrupt_exits_130(build, tmp_path):
 
 
 def test_internal_errors_exit_1_with_traceback_only_in_debug(build, tmp_path, capsys, monkeypatch):
-    import pretrain.train
+    import hybridps.pretrain.train
+    from hybridps import pretrain
 
     def broken(cfg, resume=None):
         raise RuntimeError("a bug")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.hybrid import HybridConfig, HybridModel, LossConfig, matched_pairs
-from pretrain.model import tiny_config
+from hybridps.pretrain.hybrid import HybridConfig, HybridModel, LossConfig, matched_pairs
+from hybridps.pretrain.model import tiny_config
 
 PS = ("loss_rpn_cls", "loss_rpn_reg", "loss_box_reg", "loss_det_cls", "loss_reid")
 IAM = tuple(f"loss_{t}_{lv}" for t in ("det", "reid") for lv in ("img", "ins", "cst"))

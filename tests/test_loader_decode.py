@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain import data as D
-from pretrain.augment import ViewParams
+from hybridps.pretrain import data as D
+from hybridps.pretrain.augment import ViewParams
 
 from test_pretrain_data import write_test_build
 

@@ -10,10 +10,10 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pretrain.losses.iam import (InterTaskAlignment, IntraTaskAlignment, consistency_loss, domain_ce,
+from hybridps.pretrain.losses.iam import (InterTaskAlignment, IntraTaskAlignment, consistency_loss, domain_ce,
                                  grad_reverse)
-from pretrain.losses.oim import OIMLoss, occurrence_index, sample_columns
-from pretrain.losses.simsiam import PredictionMLP, negative_cosine, output_std, simsiam_loss
+from hybridps.pretrain.losses.oim import OIMLoss, occurrence_index, sample_columns
+from hybridps.pretrain.losses.simsiam import PredictionMLP, negative_cosine, output_std, simsiam_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -247,7 +247,7 @@ def _oim_worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
-    from pretrain.losses import oim as oim_module
+    from hybridps.pretrain.losses import oim as oim_module
     # before setup the sync must refuse (a group made inside backward could deadlock)
     try:
         oim_module.sync_group()

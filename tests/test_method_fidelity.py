@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.hybrid import HybridConfig, HybridModel, LossConfig
-from pretrain.losses.iam import IntraTaskAlignment, consistency_loss, domain_ce
-from pretrain.losses.oim import OIMLoss
-from pretrain.losses.simsiam import PredictionMLP
-from pretrain.model import tiny_config
-from pretrain.model.norm import convert_sync_batchnorm
-from pretrain.model.roi_heads import NAERoIHeads
-from pretrain.model.search_model import build_search_model
-from pretrain.optim import param_groups
+from hybridps.pretrain.hybrid import HybridConfig, HybridModel, LossConfig
+from hybridps.pretrain.losses.iam import IntraTaskAlignment, consistency_loss, domain_ce
+from hybridps.pretrain.losses.oim import OIMLoss
+from hybridps.pretrain.losses.simsiam import PredictionMLP
+from hybridps.pretrain.model import tiny_config
+from hybridps.pretrain.model.norm import convert_sync_batchnorm
+from hybridps.pretrain.model.roi_heads import NAERoIHeads
+from hybridps.pretrain.model.search_model import build_search_model
+from hybridps.pretrain.optim import param_groups
 from tests.test_hybrid import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,7 +176,7 @@ def test_box_loss_uses_smooth_l1_beta_one_like_nae():
     # beta 1: 0.5 * 0.5^2 / 1 = 0.125, divided by all 2 sampled rows
     assert NAERoIHeads._box_loss(deltas, targets, fg, 1.0).item() == pytest.approx(0.0625)
     assert tiny_config().box_loss_beta == 1.0
-    from finetune.config import default_config_path, load_config   # fine-tuning builds the same head
+    from hybridps.finetune.config import default_config_path, load_config   # fine-tuning builds the same head
     assert load_config(default_config_path("prw")).model.box_loss_beta == 1.0
 
 

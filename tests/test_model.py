@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.model import ModelConfig, build_search_model, tiny_config
-from pretrain.model.backbones import build_backbone
-from pretrain.model.shufflenet_v1 import ShuffleNetV1
+from hybridps.pretrain.model import ModelConfig, build_search_model, tiny_config
+from hybridps.pretrain.model.backbones import build_backbone
+from hybridps.pretrain.model.shufflenet_v1 import ShuffleNetV1
 
 REF = Path(__file__).parent / "data"  # peer key lists (see data/README.md)
 LOSS_KEYS = {"loss_rpn_cls", "loss_rpn_reg", "loss_box_reg", "loss_det_cls", "loss_reid"}

@@ -18,8 +18,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pretrain import data as D
-from pretrain.augment import ViewParams, augment_view, make_two_views
+from hybridps.pretrain import data as D
+from hybridps.pretrain.augment import ViewParams, augment_view, make_two_views
 
 # name -> (task, labeled, samples, samples per shard, image size (W, H))
 LAYOUT = {
@@ -343,7 +343,7 @@ def test_loader_resume_continues_the_same_order(build):
 
 
 def test_group_by_aspect_is_a_permutation_with_single_orientation_batches():
-    from pretrain.data import group_by_aspect
+    from hybridps.pretrain.data import group_by_aspect
 
     rng = np.random.default_rng(0)
     shard_group = [0, 1, 0, 1]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain import data as D
+from hybridps.pretrain import data as D
 from test_pretrain_train import CONFIGS, ROOT, build_synthetic_world, run_env
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def launch_args(port: int, num_machines: int = 1, machine_rank: int = 0) -> list
 
 
 def pretrain_args(shards: Path, out: Path, steps: int) -> list[str]:
-    return ["-m", "pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--shards", str(shards), "--out", str(out),
+    return ["-m", "hybridps.pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--shards", str(shards), "--out", str(out),
             "--max-steps", str(steps), "train.progress=false"]
 
 

@@ -1,7 +1,7 @@
 """Config, schedule, CLI and the single-process trainer end to end.
 
 The end-to-end runs use the synthetic world built by the project's own tools
-(`python -m data_prep synth` + `python -m data_prep build`) and the real CLI in
+(`python -m hybridps.data_prep synth` + `python -m hybridps.data_prep build`) and the real CLI in
 a subprocess.  OMP_NUM_THREADS=1: on a shared 2-core machine, intra-op
 threads of tiny tensors mostly wait on each other (measured 3x slower).
 """
@@ -21,8 +21,8 @@ import pytest
 import torch
 import yaml
 
-from pretrain.config import ConfigError, PretrainConfig, dump_config, load_config, to_dict
-from pretrain.train import lr_factor
+from hybridps.pretrain.config import ConfigError, PretrainConfig, dump_config, load_config, to_dict
+from hybridps.pretrain.train import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "pretrain" / "configs"
@@ -37,9 +37,9 @@ def run_env() -> dict:
 def build_synthetic_world(root: Path, limit: int | None = None) -> Path:
     """Synthetic releases of the paper's five datasets -> shards (the real tools)."""
     synth, build = root / "synth", root / "build"
-    subprocess.run([PY, "-m", "data_prep", "synth", str(synth), "--size", "tiny", "--only", ",".join(SYNTH)],
+    subprocess.run([PY, "-m", "hybridps.data_prep", "synth", str(synth), "--size", "tiny", "--only", ",".join(SYNTH)],
                    check=True, capture_output=True, env=run_env(), timeout=120)
-    cmd = [PY, "-m", "data_prep", "build", str(build), "--workers", "1", "--quiet"]
+    cmd = [PY, "-m", "hybridps.data_prep", "build", str(build), "--workers", "1", "--quiet"]
     for name in SYNTH:
         cmd += ["--source", f"{name}={synth / name}"]
         if limit:
@@ -49,7 +49,7 @@ def build_synthetic_world(root: Path, limit: int | None = None) -> Path:
 
 
 def pretrain_cmd(shards: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return [PY, "-m", "pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--shards", str(shards),
+    return [PY, "-m", "hybridps.pretrain", "--config", str(CONFIGS / "tiny.yaml"), "--shards", str(shards),
             "--out", str(out), "--max-steps", str(steps), "train.progress=false", *extra]
 
 
@@ -177,8 +177,8 @@ def test_backbone_export_layout(backbone):
     """resnet: exactly torchvision's keys and shapes minus fc; shufflenet: the psvis keys."""
     from torchvision.models import resnet18
 
-    from pretrain.export import backbone_state, search_model_state
-    from pretrain.model import ModelConfig, build_search_model
+    from hybridps.pretrain.export import backbone_state, search_model_state
+    from hybridps.pretrain.model import ModelConfig, build_search_model
 
     model = build_search_model(ModelConfig(backbone=backbone, num_pids=10, cq_size=4))
     got = {k: list(v.shape) for k, v in backbone_state(model).items()}
@@ -197,7 +197,7 @@ def test_run_directory_outputs(uninterrupted, world):
     from safetensors.torch import load_file
     from torchvision.models import resnet18
 
-    from pretrain.model import build_search_model
+    from hybridps.pretrain.model import build_search_model
 
     run = uninterrupted
     for name in ("model.safetensors", "backbone.safetensors", "config.yaml", "meta.json", "history.jsonl", "log.txt"):
@@ -338,8 +338,8 @@ def test_intra_task_alignment_scopes_follow_the_manifest_tasks():
     """align_scope task: detection IAM over det/ps datasets, re-ID IAM over re-ID ones."""
     from types import SimpleNamespace
 
-    from pretrain.config import load_config
-    from pretrain.train import TrainError, resolve_for_data, task_domains
+    from hybridps.pretrain.config import load_config
+    from hybridps.pretrain.train import TrainError, resolve_for_data, task_domains
 
     manifest = {"num_ids": 50, "domains": ["crowdhuman", "msmt17", "ecp", "luperson"],
                 "datasets": {"crowdhuman": {"task": "det"}, "msmt17": {"task": "reid"},
@@ -361,7 +361,7 @@ def test_logged_means_leave_out_undefined_monitors():
     """A NaN monitor (no rows of that IAM's domains in a batch) does not poison the mean."""
     from types import SimpleNamespace
 
-    from pretrain.train import _reduce_means
+    from hybridps.pretrain.train import _reduce_means
 
     single = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
     got = _reduce_means(single, {"loss": [1.0, 3.0], "acc_det_img": [float("nan"), 0.5],

@@ -14,21 +14,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from torchvision.ops import box_convert, box_iou
 
-from data_prep.synth import prw as synth_prw
-from finetune import cli
-from finetune.init import resolve_init
-from finetune.psdiff.config import PSDiffModelConfig, load_config
-from finetune.psdiff.diffusion import (
+from hybridps.data_prep.synth import prw as synth_prw
+from hybridps.finetune import cli
+from hybridps.finetune.init import resolve_init
+from hybridps.finetune.psdiff.config import PSDiffModelConfig, load_config
+from hybridps.finetune.psdiff.diffusion import (
     DualNoiseGenerator,
     boxes_to_signal,
     cosine_alphas_cumprod,
     signal_to_boxes,
 )
-from finetune.psdiff.losses import hungarian_match, set_losses
-from finetune.psdiff.model import build_psdiff
-from finetune.psdiff.run import load_init, load_teacher
-from pretrain.model import build_search_model
-from pretrain.model.config import tiny_config
+from hybridps.finetune.psdiff.losses import hungarian_match, set_losses
+from hybridps.finetune.psdiff.model import build_psdiff
+from hybridps.finetune.psdiff.run import load_init, load_teacher
+from hybridps.pretrain.model import build_search_model
+from hybridps.pretrain.model.config import tiny_config
 
 TINY = Path(__file__).resolve().parents[1] / "finetune" / "configs" / "psdiff_tiny.yaml"
 FAST = ["model.min_size=96", "model.max_size=176", "model.dim=32", "model.dim_dynamic=8", "model.heads=2",

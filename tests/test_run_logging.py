@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import runlog
-from data_prep.synth import prw as synth_prw
+from hybridps.data_prep import runlog
+from hybridps.data_prep.synth import prw as synth_prw
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -115,11 +115,11 @@ def build(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """A two-dataset build (detection + re-ID), made through the CLI with stderr piped."""
     tmp = tmp_path_factory.mktemp("world")
     synth = tmp / "synth"
-    proc = subprocess.run([PY, "-m", "data_prep", "synth", str(synth), "--size", "tiny", "--only", "crowdhuman,msmt17"],
+    proc = subprocess.run([PY, "-m", "hybridps.data_prep", "synth", str(synth), "--size", "tiny", "--only", "crowdhuman,msmt17"],
                           capture_output=True, text=True, env=env(), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp / "build"
-    proc = subprocess.run([PY, "-m", "data_prep", "build", str(out), "--workers", "1", "--limit", "crowdhuman=4",
+    proc = subprocess.run([PY, "-m", "hybridps.data_prep", "build", str(out), "--workers", "1", "--limit", "crowdhuman=4",
                            "--source", f"crowdhuman={synth / 'crowdhuman'}", "--source", f"msmt17={synth / 'msmt17'}"],
                           capture_output=True, text=True, env=env(), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -137,7 +137,7 @@ def test_build_prints_count_lines_when_piped_and_keeps_log_txt(build, tmp_path):
     strict_json((out / "manifest.json").read_text())
     # --quiet: nothing on stderr but the plan; log.txt still gets the lines
     quiet = tmp_path / "quiet"
-    proc = subprocess.run([PY, "-m", "data_prep", "build", str(quiet), "--workers", "1", "--quiet",
+    proc = subprocess.run([PY, "-m", "hybridps.data_prep", "build", str(quiet), "--workers", "1", "--quiet",
                            "--source", f"msmt17={out.parent / 'synth' / 'msmt17'}"],
                           capture_output=True, text=True, env=env(), timeout=120)
     assert proc.returncode == 0 and not progress_lines(proc.stderr, "images")
@@ -147,7 +147,7 @@ def test_build_prints_count_lines_when_piped_and_keeps_log_txt(build, tmp_path):
 @pytest.fixture(scope="module")
 def pretrained(build, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("pre") / "run"
-    proc = subprocess.run([PY, "-m", "pretrain", "--config", str(TINY_PRE), "--shards", str(build[0]), "--out", str(out),
+    proc = subprocess.run([PY, "-m", "hybridps.pretrain", "--config", str(TINY_PRE), "--shards", str(build[0]), "--out", str(out),
                            "--max-steps", "3", "train.log_with=null"],
                           capture_output=True, text=True, env=env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -181,8 +181,8 @@ def prw(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_finetune_prints_step_lines_and_writes_the_same_history_fields(pretrained, prw, tmp_path, capsys,
                                                                        monkeypatch):
-    from finetune import cli
-    from pretrain.history import FIELDS
+    from hybridps.finetune import cli
+    from hybridps.pretrain.history import FIELDS
 
     monkeypatch.setenv(runlog.INTERVAL_ENV, "0")
     out = tmp_path / "ft"
@@ -220,7 +220,7 @@ def test_terminal_gets_a_bar_and_log_txt_still_gets_the_lines(build, tmp_path):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))   # a 120-column terminal
     out = tmp_path / "tty"
-    proc = subprocess.Popen([PY, "-m", "data_prep", "build", str(out), "--workers", "1",
+    proc = subprocess.Popen([PY, "-m", "hybridps.data_prep", "build", str(out), "--workers", "1",
                              "--source", f"msmt17={build[0].parent / 'synth' / 'msmt17'}"],
                             stdout=subprocess.DEVNULL, stderr=slave, env=env())
     os.close(slave)

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.config import ConfigError, load_config as load_pretrain_config
-from pretrain.losses import FCLoss, OIMLoss, fc_target_logits, self_distillation, uncertainty_weighted
-from pretrain.model import build_search_model, tiny_config
-from pretrain.model.iidfc import PedestrianAttention
+from hybridps.pretrain.config import ConfigError, load_config as load_pretrain_config
+from hybridps.pretrain.losses import FCLoss, OIMLoss, fc_target_logits, self_distillation, uncertainty_weighted
+from hybridps.pretrain.model import build_search_model, tiny_config
+from hybridps.pretrain.model.iidfc import PedestrianAttention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -242,7 +242,7 @@ def test_finetune_export_with_options_reloads_strictly(tmp_path):
 def test_iidfc_options_in_the_hybrid_pretraining_step():
     """FC replaces the cross entropy of the hybrid objective's OIM call (also with the two-view
     positive) and PAM sits in the RoI head: one hybrid step trains them, finite."""
-    from pretrain.hybrid import HybridConfig, HybridModel, LossConfig
+    from hybridps.pretrain.hybrid import HybridConfig, HybridModel, LossConfig
     from tests.test_hybrid import make_batch
 
     torch.manual_seed(0)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from finetune.config import CONFIG_DIR, DATASETS, FinetuneEvalConfig, FinetuneTrainConfig
-from finetune.config import validate as validate_finetune
-from pretrain.config import ConfigError, apply_override, from_dict, load_yaml_with_includes, to_dict
+from hybridps.finetune.config import CONFIG_DIR, DATASETS, FinetuneEvalConfig, FinetuneTrainConfig
+from hybridps.finetune.config import validate as validate_finetune
+from hybridps.pretrain.config import ConfigError, apply_override, from_dict, load_yaml_with_includes, to_dict
 
 OPTIMIZERS = ("adamw", "sgd")
 

@@ -22,11 +22,11 @@ from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, batched_nms, box_convert, box_iou
 
-from finetune.psdiff.config import PSDiffModelConfig
-from finetune.psdiff.diffusion import DualNoiseGenerator, boxes_to_signal, signal_to_boxes, unit_to_signal
-from finetune.psdiff.head import CDLStage, time_mlp
-from finetune.psdiff.losses import set_losses
-from pretrain.model.backbones import build_backbone
+from hybridps.finetune.psdiff.config import PSDiffModelConfig
+from hybridps.finetune.psdiff.diffusion import DualNoiseGenerator, boxes_to_signal, signal_to_boxes, unit_to_signal
+from hybridps.finetune.psdiff.head import CDLStage, time_mlp
+from hybridps.finetune.psdiff.losses import set_losses
+from hybridps.pretrain.model.backbones import build_backbone
 
 LEVELS = ("p2", "p3", "p4", "p5")
 TAPS = ("layer1", "layer2", "layer3")

@@ -1,4 +1,4 @@
-"""``python -m finetune train --method psdiff`` and ``eval`` of a PSDiff run (the shared CLI
+"""``python -m hybridps.finetune train --method psdiff`` and ``eval`` of a PSDiff run (the shared CLI
 dispatches here): the teacher, the init from our checkpoints, training, per-step evaluation."""
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from data_prep.runlog import result, write_json
-from finetune import config as ftconfig
-from finetune.init import InitError, InitWeights, load_scoped, normalization_for_model, resolve_init
-from finetune.psdiff import config as psconfig
-from finetune.psdiff.config import PSDiffConfig
-from finetune.psdiff.model import PSDiff, build_psdiff
-from pretrain.optim import param_groups
+from hybridps.data_prep.runlog import result, write_json
+from hybridps.finetune import config as ftconfig
+from hybridps.finetune.init import InitError, InitWeights, load_scoped, normalization_for_model, resolve_init
+from hybridps.finetune.psdiff import config as psconfig
+from hybridps.finetune.psdiff.config import PSDiffConfig
+from hybridps.finetune.psdiff.model import PSDiff, build_psdiff
+from hybridps.pretrain.optim import param_groups
 
 # PSDiff has no RPN, box regressor or NAE embedding head: both scopes move the trunk and layer4
 # (the teacher carries the embedding knowledge).  Our checkpoints keep layer4 under the NAE RoI head.
@@ -28,8 +28,8 @@ METHOD = "psdiff"
 def load_teacher(source: str, student: psconfig.PSDiffModelConfig, log=print):
     """A frozen NAE-layout model with an embedding head (our pre-training run, a fine-tuned NAE
     run, or any weight file the checkpoints package converts); it embeds the gt boxes."""
-    from finetune.cli import CLIError, _run_meta, load_model_for_eval
-    from pretrain.model.config import ModelConfig
+    from hybridps.finetune.cli import CLIError, _run_meta, load_model_for_eval
+    from hybridps.pretrain.model.config import ModelConfig
 
     path = Path(source)
     meta = _run_meta(path)
@@ -91,10 +91,10 @@ def cmd_train(args, log=print) -> Path:
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
 
-    from finetune.cli import CLIError, cmd_eval
-    from finetune.datasets import PersonSearchDataset, load_train_records, train_subset
-    from finetune.engine import train_loop
-    from pretrain.guard import end_distributed
+    from hybridps.finetune.cli import CLIError, cmd_eval
+    from hybridps.finetune.datasets import PersonSearchDataset, load_train_records, train_subset
+    from hybridps.finetune.engine import train_loop
+    from hybridps.pretrain.guard import end_distributed
 
     cfg = load_cfg(args)
     t = dataclasses.replace(cfg.train, **{k: v for k, v in (("max_steps", args.max_steps), ("seed", args.seed),
@@ -159,7 +159,7 @@ def cmd_train(args, log=print) -> Path:
 def save_run(out: Path, model: PSDiff, cfg: PSDiffConfig, args, teacher_src, subset, outcome, init_report) -> None:
     from safetensors.torch import save_file
 
-    from finetune.cli import RUN_KIND
+    from hybridps.finetune.cli import RUN_KIND
 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
@@ -182,7 +182,7 @@ def save_run(out: Path, model: PSDiff, cfg: PSDiffConfig, args, teacher_src, sub
 
 # --------------------------------------------------------------------------- eval
 def parse_steps(text: str | None, default: int) -> list[int]:
-    from finetune.cli import CLIError
+    from hybridps.finetune.cli import CLIError
 
     if text is None:
         return [default]
@@ -198,7 +198,7 @@ def parse_steps(text: str | None, default: int) -> list[int]:
 def load_run(path: Path, cfg: PSDiffConfig) -> PSDiff:
     from safetensors.torch import load_file
 
-    from finetune.cli import CLIError
+    from hybridps.finetune.cli import CLIError
 
     model = build_psdiff(cfg.model)
     try:
@@ -211,10 +211,10 @@ def load_run(path: Path, cfg: PSDiffConfig) -> PSDiff:
 def cmd_eval(args, log=print) -> dict:
     """Evaluate a PSDiff run once per DDIM step count; ``OUT/ddim<k>/`` holds each full
     evaluation, ``OUT/metrics.json`` the model's default step count plus ``per_ddim_steps``."""
-    from finetune import cli
-    from finetune.datasets import load_protocol
-    from finetune.engine import run_inference
-    from finetune.results_io import write_results
+    from hybridps.finetune import cli
+    from hybridps.finetune.datasets import load_protocol
+    from hybridps.finetune.engine import run_inference
+    from hybridps.finetune.results_io import write_results
 
     ckpt = Path(args.checkpoint)
     if args.config:

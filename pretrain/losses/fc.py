@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.losses.oim import OIMLoss
+from hybridps.pretrain.losses.oim import OIMLoss
 
 # arccos has an infinite derivative at +-1; a cosine is kept this far inside.
 ACOS_EPS = 1e-6

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pretrain.model.shufflenet_v1 import ShuffleNetV1
+from hybridps.pretrain.model.shufflenet_v1 import ShuffleNetV1
 
 
 @dataclass

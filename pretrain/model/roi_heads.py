@@ -16,14 +16,14 @@ from torch import nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import MultiScaleRoIAlign, box_iou, boxes as box_ops
 
-from pretrain.losses.fc import FCLoss
-from pretrain.losses.oim import OIMLoss
-from pretrain.losses.ugas import self_distillation, table_logits, uncertainty_weighted
-from pretrain.model.box_ops import inside_ignore
-from pretrain.model.config import ModelConfig
-from pretrain.model.embedding import BNBoxRegressor, NormAwareEmbedding, max_pool_flat
-from pretrain.model.iidfc import PedestrianAttention
-from pretrain.model.ugas import ShallowFusion, UncertaintyHead, fuse_embeddings
+from hybridps.pretrain.losses.fc import FCLoss
+from hybridps.pretrain.losses.oim import OIMLoss
+from hybridps.pretrain.losses.ugas import self_distillation, table_logits, uncertainty_weighted
+from hybridps.pretrain.model.box_ops import inside_ignore
+from hybridps.pretrain.model.config import ModelConfig
+from hybridps.pretrain.model.embedding import BNBoxRegressor, NormAwareEmbedding, max_pool_flat
+from hybridps.pretrain.model.iidfc import PedestrianAttention
+from hybridps.pretrain.model.ugas import ShallowFusion, UncertaintyHead, fuse_embeddings
 
 FEATURE = "feat_res4"
 

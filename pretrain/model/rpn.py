@@ -5,8 +5,8 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
-from pretrain.model.box_ops import inside_ignore
-from pretrain.model.config import ModelConfig
+from hybridps.pretrain.model.box_ops import inside_ignore
+from hybridps.pretrain.model.config import ModelConfig
 
 
 class IgnoreAwareRPN(RegionProposalNetwork):

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from pretrain.model.backbones import BackboneParts, build_backbone
-from pretrain.model.config import ModelConfig
-from pretrain.model.roi_heads import FEATURE, NAERoIHeads
-from pretrain.model.rpn import build_rpn
-from pretrain.model.ugas import SHALLOW, StageTap, probe_channels, shallow_stage
+from hybridps.pretrain.model.backbones import BackboneParts, build_backbone
+from hybridps.pretrain.model.config import ModelConfig
+from hybridps.pretrain.model.roi_heads import FEATURE, NAERoIHeads
+from hybridps.pretrain.model.rpn import build_rpn
+from hybridps.pretrain.model.ugas import SHALLOW, StageTap, probe_channels, shallow_stage
 
 Target = dict[str, torch.Tensor]
 

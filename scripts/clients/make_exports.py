@@ -2,7 +2,7 @@
 
 Source: a pre-training run directory (CONTRACTS 5) holding a ResNet-50 search model
 with random weights everywhere (so a loaded value is recognisable) and the RPN anchors
-NAE4PS/SeqNet generate (32-512).  Each target is then written by ``python -m checkpoints
+NAE4PS/SeqNet generate (32-512).  Each target is then written by ``python -m hybridps.checkpoints
 convert`` with its default options, exactly as a user would.
 """
 import json
@@ -14,8 +14,8 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from checkpoints.convert import canonicalize, export
-from checkpoints.targets import get_target
+from hybridps.checkpoints.convert import canonicalize, export
+from hybridps.checkpoints.targets import get_target
 
 TARGETS = {  # file name -> (target, extra flags)
     "detectron2.pkl": ("detectron2", []),
@@ -71,7 +71,7 @@ def main() -> int:
     out = Path(sys.argv[1])
     run = make_run(out)
     for name, (target, flags) in TARGETS.items():
-        cmd = [sys.executable, "-m", "checkpoints", "convert", str(run), "--to", target, "--out", str(out / name),
+        cmd = [sys.executable, "-m", "hybridps.checkpoints", "convert", str(run), "--to", target, "--out", str(out / name),
                "--overwrite", *flags]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         use = [ln.strip() for ln in proc.stdout.splitlines()[-1:]]
