@@ -1,4 +1,4 @@
-"""``python -m hybridps.checkpoints list | download | inspect | convert | export | add | push``."""
+"""``hybridps ckpt list | download | inspect | convert | export | add | push`` (= ``python -m hybridps.checkpoints``)."""
 from __future__ import annotations
 
 import argparse
@@ -6,10 +6,11 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from hybridps.errors import run_cli
 
 from . import registry
 from .arch import ARCHS, UnknownArchError, detect_arch
@@ -173,7 +174,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hybridps.checkpoints",
+    p = argparse.ArgumentParser(prog="hybridps ckpt",
                                 description="Released-weights registry, download, safe loading and conversion.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -264,9 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-DEBUG_ENV = "HYBRIDPS_DEBUG"
-
-
 def _strict(obj):
     """JSON values without NaN/inf (null instead: bare NaN is not JSON)."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -283,7 +281,7 @@ def _stderr_logging():
     """This package's INFO lines (download progress...) on stderr while a
     command runs -- data_prep/runlog.py's rule; a leaf package, it does not import it."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("python -m hybridps.checkpoints: %(message)s"))
+    handler.setFormatter(logging.Formatter("hybridps ckpt: %(message)s"))
     pkg = logging.getLogger(__package__)
     level = pkg.level
     pkg.setLevel(logging.INFO)
@@ -300,49 +298,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     error (traceback with HYBRIDPS_DEBUG=1); 130 interrupted."""
     args = build_parser().parse_args(argv)
     with _stderr_logging():
-        return _main(args)
-
-
-def _main(args: argparse.Namespace) -> int:
-    try:
-        return args.func(args)
-    except USER_ERRORS as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"error: {_one_line(msg)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"python -m hybridps.checkpoints {args.cmd}: interrupted", file=sys.stderr)
-        return 130
-    except OSError as exc:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        print(f"python -m hybridps.checkpoints {args.cmd}: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
-              f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
-        return 1
-
-
-def _one_line(msg: str) -> str:
-    return " ".join(str(msg).split())
-
-
-def describe_os_error(e: OSError) -> str:
-    """What the environment refused, in words a user can act on (as pretrain's CLI says it)."""
-    import errno
-
-    where = f" ({e.filename})" if e.filename else ""
-    if e.errno == errno.ENOSPC:
-        return f"disk full: no space left on device{where}"
-    if e.errno == errno.EDQUOT:
-        return f"disk quota exceeded{where}"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return f"permission denied{where}"
-    if e.errno == errno.EROFS:
-        return f"read-only file system{where}"
-    if e.errno in (errno.EEXIST, errno.ENOTDIR):
-        return f"a file is in the way of a directory{where}"
-    return f"{e.strerror or e}{where}"
+        return run_cli(f"hybridps ckpt {args.cmd}", lambda: args.func(args), USER_ERRORS)

@@ -257,7 +257,7 @@ def convert(source: str | Path, target_name: str, out: str | Path, *, force: boo
                               f"an empty file.\n{canon.report(src.description).text()}")
     arch = detect_arch_canonical(canon.state_dict)
     notes = check_style(style, target.style, target.name, target.style_fix, force) if archs.is_resnet(arch) else []
-    # what the target's real code would reject or misuse (clients.md): refused unless --force
+    # what the target's real code would reject or misuse (docs/clients.md section 2): refused unless --force
     notes += client_checks(target, arch, canon.state_dict, source_anchors(src.metadata, source),
                            force=force, fresh_rpn=fresh_rpn)
     if fresh_rpn and target.anchor_sizes:

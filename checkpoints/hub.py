@@ -29,7 +29,7 @@ SIDE_FILES = ("config.yaml", "meta.json")
 _PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?$")
 FINETUNE_KIND = "hybridps-finetune"
 
-# One line per dataset (shared/reference pretrain_datasets.md section 7, ps_datasets_eval.md):
+# One line per dataset (the terms each release states; README "Dataset licences"):
 # the weights were trained on these images, so their terms travel with the card.
 DATASET_TERMS = {
     "crowdhuman": "CrowdHuman: non-commercial research and educational use only; images may not be "

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .bounded import BoundError, check_tree, node_budget
+from hybridps.bounded import BoundError, check_tree, node_budget
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # torch.save stores zip members uncompressed, so the bytes the members declare

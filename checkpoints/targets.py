@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from hybridps.registry import Registry
+
 PYTORCH_NORM = "img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)"
 D2_PYTORCH = ("MODEL.RESNETS.STRIDE_IN_1X1 False INPUT.FORMAT RGB "
               "MODEL.PIXEL_MEAN [123.675,116.280,103.530] MODEL.PIXEL_STD [58.395,57.120,57.375]")
@@ -40,7 +42,7 @@ class Target:
     config: str
     style_fix: str = ""
     description: str = ""
-    # What the real client hard-wires (clients.md): the backbones its model builds (empty: any),
+    # What the real client hard-wires (docs/clients.md sections 1-2): the backbones its model builds (empty: any),
     # the RPN anchors it generates (empty: no RPN carried), and whether it pins torch < 1.6 /
     # torchvision < 0.13 (legacy container + legacy RPN names by default).
     client_archs: tuple[str, ...] = ()
@@ -49,7 +51,9 @@ class Target:
     legacy_torch: bool = False
 
 
-TARGETS: dict[str, Target] = {t.name: t for t in (
+#: export targets by name; another module adds one with ``TARGETS.add(t.name, t)``
+TARGETS: Registry[Target] = Registry("export target")
+for _t in (
     Target("hybridps", "hybridps", "safetensors", "pytorch", ".safetensors", False, ("resnet", "shufflenetv1"),
            'checkpoints.load_pretrained("{out}") -> canonical state_dict; '
            'checkpoints.report.load_into(model, sd)',
@@ -96,14 +100,13 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "or --eval --ckpt {out} (LUT {num_pids}, CQ {cq_size})",
            description="SeqNet full model (torch 1.2 container, torchvision 0.4 names)",
            client_archs=("resnet50",), anchor_sizes=NAE_ANCHORS, aspect_ratios=NAE_RATIOS, legacy_torch=True),
-)}
+):
+    TARGETS.add(_t.name, _t)
 
 
 def get_target(name: str) -> Target:
     """The export target called ``name``."""
-    if name not in TARGETS:
-        raise KeyError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
-    return TARGETS[name]
+    return TARGETS.get(name)
 
 
 def config_line(target: Target, out: str, arch: str, style: str | None, num_pids: int, cq_size: int) -> str:

@@ -1,7 +1,7 @@
-"""``python -m hybridps.data_prep``: see :mod:`data_prep.cli`."""
+"""``python -m hybridps.data_prep``: see :mod:`hybridps.data_prep.cli`."""
 import sys
 
-from .cli import main
+from hybridps.data_prep.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

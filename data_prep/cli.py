@@ -10,16 +10,15 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from hybridps.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, run_cli
+
 from .runlog import cli_logging, final_error, log_to_folder, result
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-DEBUG_ENV = "HYBRIDPS_DEBUG"
 logger = logging.getLogger(__name__)
 
 
@@ -118,7 +117,7 @@ def cmd_synth(args) -> int:
     except SynthError as e:
         if e.__cause__ is None:
             raise UsageError(str(e)) from None
-        final_error(f"data_prep synth: error: {e}")
+        final_error(f"hybridps data synth: error: {e}")
         return EXIT_INTERNAL
     result(format_table(summary_rows(truths)))
     result(f"wrote {len(truths)} dataset(s) to {args.out_dir} in {time.perf_counter() - t0:.1f}s; "
@@ -220,7 +219,7 @@ def cmd_inspect(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .formats import FORMATS
 
-    p = argparse.ArgumentParser(prog="python -m hybridps.data_prep", description="Dataset releases -> webdataset shards.")
+    p = argparse.ArgumentParser(prog="hybridps data", description="Dataset releases -> webdataset shards.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{synth,build,preview,inspect}")
 
     s = sub.add_parser("synth", help="write synthetic copies of the datasets in their release layouts")
@@ -285,49 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    with cli_logging(f"data_prep {args.command}", None if argv is None else list(argv)):
-        return _run(args)
-
-
-def _run(args) -> int:
-    try:
-        return args.func(args)
-    except UsageError as e:
-        final_error(f"data_prep {args.command}: error: {e}")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        final_error(f"data_prep {args.command}: interrupted" + ("; re-run the same command to resume"
-              if args.command == "build" else ""))
-        return EXIT_INTERRUPTED
-    except OSError as e:
-        # the environment (full disk, permissions, a file where OUT should be), not a bug
-        if os.environ.get(DEBUG_ENV):
-            raise
-        final_error(f"data_prep {args.command}: error: {describe_os_error(e)}")
-        return EXIT_USAGE
-    except Exception as e:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        final_error(f"data_prep {args.command}: internal error: {type(e).__name__}: {e} "
-              f"(set {DEBUG_ENV}=1 for the traceback)")
-        return EXIT_INTERNAL
-
-
-def describe_os_error(e: OSError) -> str:
-    """What the environment refused, in words a user can act on (as pretrain's CLI says it)."""
-    import errno
-
-    where = f" ({e.filename})" if e.filename else ""
-    if e.errno == errno.ENOSPC:
-        return f"disk full: no space left on device{where}"
-    if e.errno == errno.EDQUOT:
-        return f"disk quota exceeded{where}"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return f"permission denied{where}"
-    if e.errno == errno.EROFS:
-        return f"read-only file system{where}"
-    if e.errno in (errno.EEXIST, errno.ENOTDIR):
-        return f"a file is in the way of a directory{where}"
-    return f"{e.strerror or e}{where}"
+    args = build_parser().parse_args(argv)
+    prog = f"hybridps data {args.command}"
+    with cli_logging(prog, None if argv is None else list(argv)):
+        return run_cli(prog, lambda: args.func(args), (UsageError,),
+                       "re-run the same command to resume" if args.command == "build" else "", report=final_error)

@@ -31,10 +31,11 @@ from hybridps.finetune.datasets import DatasetError
 from hybridps.finetune.evaluate import IOU_RULES, EvaluationError, SearchSettings, eval_detection, eval_search, subset_summary
 from hybridps.finetune.init import SCOPES, InitError
 from hybridps.finetune.results_io import ResultsFileError
+from hybridps.errors import run_cli
 from hybridps.pretrain.guard import end_distributed
 
 RUN_KIND = "hybridps-finetune"
-PROG = "python -m hybridps.finetune"
+PROG = "hybridps finetune"
 logger = logging.getLogger(__name__)
 METHODS = ("nae", "psdiff")
 USER_ERRORS = (ConfigError, DatasetError, EvaluationError, InitError, ResultsFileError, FileNotFoundError)
@@ -54,7 +55,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hybridps.finetune", description=__doc__,
+    parser = argparse.ArgumentParser(prog="hybridps finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -581,39 +582,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args, run) -> int:
     from hybridps.finetune.compare import CompareError
-
     from hybridps.finetune.engine import TrainError
-    from hybridps.pretrain.cli import describe_os_error
 
-    def fail(code: int, line: str) -> int:
-        final_error(line)
-        return code
+    command = globals()[f"cmd_{args.command}"]      # every sub-command NAME has its cmd_NAME
 
-    try:
-        if args.command == "eval":
-            cmd_eval(args)
-        elif args.command == "compare":
-            cmd_compare(args)
-        elif args.command == "search":
-            cmd_search(args)
-        else:
-            cmd_train(args)
-    except (CLIError, CompareError, TrainError, *USER_ERRORS) as e:
-        # TrainError: a non-finite loss or an unusable loader is the run's input, not a bug
-        return fail(2, f"error: {' '.join(str(e).split())}")
-    except KeyboardInterrupt:
-        return fail(130, f"{PROG} {args.command}: interrupted"
-                    + ("; continue with --resume" if args.command == "train" else ""))
-    except OSError as e:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        return fail(2, f"error: {describe_os_error(e)}")
-    except Exception as e:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        return fail(1, f"{PROG} {args.command}: internal error: {type(e).__name__}: {' '.join(str(e).split())} "
-                       f"(set {DEBUG_ENV}=1 for the traceback)")
-    return 0
+    def body() -> None:
+        command(args)
 
-
-DEBUG_ENV = "HYBRIDPS_DEBUG"
+    # TrainError: a non-finite loss or an unusable loader is the run's input, not a bug
+    return run_cli(f"{PROG} {args.command}", body, (CLIError, CompareError, TrainError, *USER_ERRORS),
+                   "continue with --resume" if args.command == "train" else "", report=final_error)

@@ -23,7 +23,7 @@ DATASETS = ("cuhk_sysu", "prw", "posetrack21")
 
 @dataclass
 class FinetuneTrainConfig:
-    """NAE schedule (ps_datasets_eval.md 5.4): SGD, warm-up over the first
+    """NAE schedule (docs/protocol.md section 10): SGD, warm-up over the first
     epoch, step decay at epoch 16, batch 5, flip, grad clip 10."""
 
     epochs: int = 20

@@ -8,7 +8,7 @@
 
   - PRW: raw pids {1..478, 480..483, 932} -> **483** rows.  NAE/SeqNet/COAT use
     482 rows and raw pids, so raw 483 and 932 silently become unlabeled and
-    LUT row 478 is never used (ps_datasets_eval.md 2.4); we do not copy that.
+    LUT row 478 is never used (docs/datasets.md section 3.4); we do not copy that.
   - CUHK-SYSU: the parser's 0..5531 -> 5532 rows (unchanged).
   - PoseTrack21: the distinct ``person_id`` values of train.json, sorted.
 

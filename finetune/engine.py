@@ -2,7 +2,7 @@
 
 Training reads top to bottom in :func:`train_loop` (accelerate-examples style:
 build, prepare, loop, backward, clip, step, log).  Inference follows NAE
-(ps_datasets_eval.md 5.5): gallery features are the unit embeddings times the
+(docs/protocol.md section 11): gallery features are the unit embeddings times the
 detection score (CWS); a query's feature is the embedding RoI-pooled on its
 ground-truth box (no CWS).
 """

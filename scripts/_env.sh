@@ -7,7 +7,7 @@ cd "$ROOT"
 PY="${HYBRIDPS_PYTHON:-$(command -v python3.11 || command -v python3)}"
 VENV="${HYBRIDPS_VENV:-$ROOT/.venv}"
 STAMP="$VENV/.hybridps-installed"
-WANT="$(sha256sum pyproject.toml | cut -c1-16)"
+WANT="$(cat pyproject.toml setup.py | sha256sum | cut -c1-16)"
 if [ ! -x "$VENV/bin/python" ]; then
     echo "[hybridps] creating virtual environment $VENV" >&2
     "$PY" -m venv "$VENV"

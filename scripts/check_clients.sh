@@ -110,7 +110,7 @@ done
 [ "${1:-}" = "--setup" ] && exit 0
 
 # ------------------------------------------------------------------ exports
-say "writing the exports with python -m hybridps.checkpoints convert ($PROJECT_PY)"
+say "writing the exports with hybridps ckpt convert ($PROJECT_PY)"
 PYTHONPATH="$ROOT" "$PROJECT_PY" "$HERE/make_exports.py" "$EXPORTS" | tee "$LOG/exports.log" >&2 ||
     { say "exporting failed"; exit 1; }
 
@@ -166,7 +166,7 @@ printf '%s\n' "${ROWS[@]}"
 echo
 echo "loaded: model keys holding the file's value after the client's own load; missing: model keys it"
 echo "did not fill (heads the file does not carry); unexpected: file keys the client did not use."
-echo "Files: every export is \`python -m hybridps.checkpoints convert\` output with default options, from a random-weight"
+echo "Files: every export is \`hybridps ckpt convert\` output with default options, from a random-weight"
 echo "ResNet-50 run (scripts/clients/make_exports.py). Rows marked pre-fix show what issue 10 fixed:"
 echo "'pre-fix bottom_up names' = the old detectron2 naming; seqnet_zip_newrpn.pth = the old nae/seqnet"
 echo "default (zip container, rpn.head.conv.0.0.*); seqnet_legacyformat_newrpn.pth = old --legacy-format"

@@ -271,5 +271,5 @@ def test_cli_download_prints_byte_lines_when_piped(server, tmp_path, capsys, mon
     sha = hashlib.sha256(PAYLOAD * 3).hexdigest()       # pinned: the bytes are not a real .pth
     assert cli.main(["download", "three-mib", "--cache", str(tmp_path / "c"), "--sha256", sha]) == 0
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "MiB/s" in ln]
-    assert len(lines) >= 2 and all(ln.startswith("python -m hybridps.checkpoints: w.pth ") and "/3.0 MiB (" in ln for ln in lines)
-    assert lines[-1].startswith("python -m hybridps.checkpoints: w.pth 3.0/3.0 MiB (100%) | ")
+    assert len(lines) >= 2 and all(ln.startswith("hybridps ckpt: w.pth ") and "/3.0 MiB (" in ln for ln in lines)
+    assert lines[-1].startswith("hybridps ckpt: w.pth 3.0/3.0 MiB (100%) | ")

@@ -91,7 +91,7 @@ def test_build_usage_errors_exit_2(world, tmp_path, capsys, args, message):
 def test_module_entry_point_usage_error_has_no_traceback(tmp_path):
     r = run_module("build", tmp_path / "o", "--source", "market1501=/nope", "--quiet")
     assert r.returncode == 2
-    assert "data_prep build: error:" in r.stderr and "Traceback" not in r.stderr
+    assert "hybridps data build: error:" in r.stderr and "Traceback" not in r.stderr
     r = run_module("frobnicate")
     assert r.returncode == 2 and "invalid choice" in r.stderr
 

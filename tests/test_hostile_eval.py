@@ -39,7 +39,7 @@ def prw(tmp_path_factory):
 def one_line_error(capsys) -> str:
     """The one error line; the run's log lines ("python -m hybridps.finetune: ...") may precede it."""
     err = capsys.readouterr().err.strip()
-    lines = [ln for ln in err.splitlines() if not ln.startswith("python -m hybridps.finetune: ")]
+    lines = [ln for ln in err.splitlines() if not ln.startswith("hybridps finetune: ")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 

@@ -68,7 +68,7 @@ def in_process(capsys, build: Path, out: Path, steps: int, *extra: str) -> tuple
 
 
 def one_line_error(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("python -m hybridps.pretrain: error")]
+    lines = [ln for ln in err.splitlines() if ln.startswith("hybridps pretrain: error")]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     return lines[0]
 
@@ -517,7 +517,6 @@ def test_interrupt_exits_130(build, tmp_path):
 def test_internal_errors_exit_1_with_traceback_only_in_debug(build, tmp_path, capsys, monkeypatch):
     import hybridps.pretrain.train
     from hybridps import pretrain
-
     def broken(cfg, resume=None):
         raise RuntimeError("a bug")
 

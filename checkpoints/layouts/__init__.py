@@ -2,20 +2,21 @@
 
 A layout module defines ``NAME``, ``DESCRIPTION``, ``detect(keys) -> bool``,
 ``to_canonical(state_dict) -> Conversion`` and
-``from_canonical(canonical, arch, **options) -> Conversion``.  Adding a layout
-is adding a module and one line below.
+``from_canonical(canonical, arch, **options) -> Conversion``, and ``ORDER``: auto-detection
+tries the layouts in this order (the most specific markers first).  Adding a layout is adding
+a module here (found by :class:`hybridps.registry.Registry`).
 """
 from __future__ import annotations
 
 from types import ModuleType
 from typing import Iterable
 
-from . import canonical, detectron2, mmdet, nae, psvis, roi_alignps, seqnet, torchvision
+from hybridps.registry import Registry
+
 from .base import Conversion
 
-# Order matters for detection: the most specific markers first.
-_ORDER: tuple[ModuleType, ...] = (detectron2, seqnet, nae, roi_alignps, canonical, psvis, torchvision, mmdet)
-LAYOUTS: dict[str, ModuleType] = {m.NAME: m for m in _ORDER}
+LAYOUTS: Registry[ModuleType] = Registry("layout", package=__name__,
+                                         requires=("detect", "to_canonical", "from_canonical"))
 ALIASES = {"timm": "torchvision", "alignps": "mmdet", "psdiff": "detectron2", "d2": "detectron2",
            "canonical": "hybridps", "nae4ps": "nae"}
 
@@ -35,7 +36,7 @@ def get_layout(name: str) -> ModuleType:
 def detect_layout(keys: Iterable[str]) -> str:
     """Name the layout a state_dict's keys are in."""
     keyset = set(keys)
-    for module in _ORDER:
+    for module in LAYOUTS.values():
         if module.detect(keyset):
             return module.NAME
     sample = ", ".join(sorted(keyset)[:5])

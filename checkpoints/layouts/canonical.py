@@ -2,7 +2,7 @@
 
 Also the home of the head templates that NAE4PS/SeqNet exports share: the
 shapes follow the backbone's C4/C5 widths and fresh values follow the
-reference models' own initialisation (ckpt_formats / ps_datasets_eval 6.4).
+reference models' own initialisation (docs/clients.md section 3).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .base import BACKBONE, BOX_HEAD, REID_LOSS, Conversion, bn_entry, linear_de
     mark_unused, normal, normalise_rpn
 
 NAME = "hybridps"
+ORDER = 50          # auto-detection tries layouts in this order: the most specific markers first
 DESCRIPTION = "hybridps search model (NAE layout: backbone.*, rpn.head.*, roi_heads.{box_head,box_predictor,embedding_head}.*)"
 OWN_PREFIXES = (BACKBONE, "rpn.head.", BOX_HEAD, "roi_heads.box_predictor.bbox_pred.", "roi_heads.embedding_head.")
 FOREIGN_MARKERS = ("bottom_up.", "roi_heads.reid_head.", "roi_heads.box_predictor.cls_score.",

@@ -25,6 +25,7 @@ from .. import arch as archs
 from .base import Conversion, backbone_to_canonical, backbone_view, mark_unused
 
 NAME = "detectron2"
+ORDER = 10          # auto-detection tries layouts in this order: the most specific markers first
 DESCRIPTION = ("detectron2/DiffusionDet/PSDiff .pkl {'model': {stem.*, res2-5.*: ndarray}, '__author__', "
                "'matching_heuristics'}")
 PREFIX = "backbone.bottom_up."     # FPN models' prefix (read, never written)

@@ -16,6 +16,7 @@ from .base import Conversion, backbone_to_canonical
 from .torchvision import export_backbone
 
 NAME = "mmdet"
+ORDER = 80          # auto-detection tries layouts in this order: the most specific markers first
 DESCRIPTION = "mmdet/AlignPS `pretrained=` file: unprefixed ResNet keys incl. layer4 ({'state_dict', 'meta'})"
 
 

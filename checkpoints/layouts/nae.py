@@ -16,6 +16,7 @@ from .canonical import box_regressor_specs, embedding_specs, head_channels, oim_
 from .nae_common import assemble, body_rows, canonical_from_nae, head_rows, layer4_rows, rename_rpn
 
 NAME = "nae"
+ORDER = 30          # auto-detection tries layouts in this order: the most specific markers first
 DESCRIPTION = "NAE4PS full model {'model': state_dict, 'epoch': 0} (strict load)"
 CLS_SCORE = "roi_heads.box_predictor.cls_score."
 

@@ -15,6 +15,7 @@ from .base import Conversion, backbone_to_canonical
 from .torchvision import export_backbone
 
 NAME = "psvis"
+ORDER = 60          # auto-detection tries layouts in this order: the most specific markers first
 DESCRIPTION = "psvis/PretrainPS backbone: unprefixed ResNet or ShuffleNetV1 keys, no fc ({'state_dict': ...})"
 
 

@@ -24,6 +24,7 @@ from .. import arch as archs
 from .base import BACKBONE, BOX_HEAD, Conversion, backbone_view, mark_unused, normalise_rpn
 
 NAME = "roi_alignps"
+ORDER = 40          # auto-detection tries layouts in this order: the most specific markers first
 DESCRIPTION = "ROI-AlignPS whole detector for `load_from=` ({'state_dict', 'meta'}, mmdet names)"
 SHARED = "roi_head.shared_head."
 BBOX_HEAD = "roi_head.bbox_head."

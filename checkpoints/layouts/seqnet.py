@@ -16,6 +16,7 @@ from .canonical import box_regressor_specs, embedding_specs, head_channels, oim_
 from .nae_common import assemble, body_rows, canonical_from_nae, head_rows, layer4_rows, rename_rpn
 
 NAME = "seqnet"
+ORDER = 20          # auto-detection tries layouts in this order: the most specific markers first
 DESCRIPTION = "SeqNet full model {'model': state_dict, 'epoch': 0} (reid_head = copy of layer4)"
 REID_HEAD = "roi_heads.reid_head."
 FRCNN = "roi_heads.faster_rcnn_predictor."

@@ -14,6 +14,7 @@ from .base import Conversion, backbone_to_canonical, backbone_view, fill_value, 
     mark_unused
 
 NAME = "torchvision"
+ORDER = 70          # auto-detection tries layouts in this order: the most specific markers first
 DESCRIPTION = "torchvision/timm ResNet state_dict (conv1, bn1, layer1-4, optional fc)"
 
 

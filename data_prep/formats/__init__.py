@@ -13,30 +13,18 @@ Every format module defines:
 Person-search formats (``TASK == "ps"``) also define
 ``load_protocol(root, gallery_size=None) -> data_prep.protocol.Protocol``.
 
-Adding a dataset means adding one file here and one writer in
-``data_prep/synth/``; nothing else needs editing.
+Adding a dataset means adding one file here (found by :class:`hybridps.registry.Registry`)
+and one writer in ``data_prep/synth/``; nothing else needs editing.
 """
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-FORMATS = (
-    "crowdhuman",
-    "ecp",
-    "msmt17",
-    "cuhk03",
-    "luperson",
-    "market1501",
-    "cuhk_sysu",
-    "prw",
-    "posetrack21",
-    "coco",          # your own data: COCO-format person detection
-    "crops",         # your own data: a folder of re-ID crops
-)
+from hybridps.registry import Registry
+
+#: every module of this package that defines NAME, TASK and parse (ORDER: listing position)
+FORMATS: Registry[ModuleType] = Registry("dataset format", package=__name__, requires=("TASK", "parse"))
 
 
 def get_format(name: str) -> ModuleType:
-    if name not in FORMATS:
-        raise KeyError(f"unknown dataset format {name!r}; known: {', '.join(FORMATS)}")
-    return importlib.import_module(f"{__name__}.{name}")
+    return FORMATS.get(name)

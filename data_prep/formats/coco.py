@@ -50,6 +50,7 @@ from ..imageio import ImageError, header_size
 from ..record import MAX_COORD, ImageRef, ParseItem, Record, Skip, fit_box, safe_key
 
 NAME = "coco"
+ORDER = 100          # position in listings (hybridps.registry)
 TASK = "det"
 LABELED = False
 SPLITS = ("train", "val")

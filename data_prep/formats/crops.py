@@ -37,6 +37,7 @@ from ..imageio import ImageError, header_size
 from ..record import ImageRef, ParseItem, Record, Skip, safe_key
 
 NAME = "crops"
+ORDER = 110          # position in listings (hybridps.registry)
 TASK = "reid"
 # Identity folders are labels; a flat folder is not (its records say so, and
 # the manifest's ``labeled`` follows the records, as for LUPerson-NL pids).

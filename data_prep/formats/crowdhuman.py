@@ -36,6 +36,7 @@ from ..textio import utf8_lines
 from ..record import Fix, ImageRef, ParseItem, Record, Skip, box_is_degenerate, clip_box, safe_key
 
 NAME = "crowdhuman"
+ORDER = 10          # position in listings (hybridps.registry)
 TASK = "det"
 LABELED = False
 SPLITS = ("train", "val")

@@ -40,6 +40,7 @@ import numpy as np
 from ..record import ImageRef, ParseItem, Record, Skip
 
 NAME = "cuhk03"
+ORDER = 40          # position in listings (hybridps.registry)
 TASK = "reid"
 LABELED = True
 SPLITS = ("train", "query", "gallery", "all")

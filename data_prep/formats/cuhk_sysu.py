@@ -1,6 +1,6 @@
 """CUHK-SYSU (PSDB) person-search release: ``Image/SSM`` + ``annotation/*.mat``.
 
-Layout (see docs/reference ``ps_datasets_eval.md`` section 1)::
+Layout (docs/datasets.md section 2)::
 
     root/Image/SSM/s<N>.jpg
     root/annotation/Images.mat              Img: imname, nAppear, box(idlocate, ishard)
@@ -39,6 +39,7 @@ from ..imageio import header_size_or_reason
 from ..record import ImageRef, ParseItem, Record, Skip, fit_box, safe_key
 
 NAME = "cuhk_sysu"
+ORDER = 70          # position in listings (hybridps.registry)
 TASK = "ps"
 LABELED = True
 SPLITS = ("train", "test")

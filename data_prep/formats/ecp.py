@@ -38,6 +38,7 @@ from PIL import Image
 from ..record import Fix, ImageRef, ParseItem, Record, Skip, box_is_degenerate, clip_box, safe_key
 
 NAME = "ecp"
+ORDER = 20          # position in listings (hybridps.registry)
 TASK = "det"
 LABELED = False
 SPLITS = ("train", "val")          # test labels are not public

@@ -47,11 +47,13 @@ from typing import Iterable, Iterator, Sequence
 
 from PIL import Image
 
-from ..bounded import BoundError, check_tree, node_budget
+from hybridps.bounded import BoundError, check_tree, node_budget
+
 from ..imageio import ImageError, load_encoded
 from ..record import ImageRef, ParseItem, Record, Skip, safe_key
 
 NAME = "luperson"
+ORDER = 50          # position in listings (hybridps.registry)
 TASK = "reid"
 LABELED = False
 SPLITS = ("train",)

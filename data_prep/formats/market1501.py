@@ -26,6 +26,7 @@ from ..imageio import ImageError, header_size
 from ..record import ImageRef, ParseItem, Record, Skip, safe_key
 
 NAME = "market1501"
+ORDER = 60          # position in listings (hybridps.registry)
 TASK = "reid"
 LABELED = True
 SPLITS = ("train", "query", "gallery")

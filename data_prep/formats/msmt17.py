@@ -28,6 +28,7 @@ from ..textio import utf8_lines
 from ..record import ImageRef, ParseItem, Record, Skip, safe_key
 
 NAME = "msmt17"
+ORDER = 30          # position in listings (hybridps.registry)
 TASK = "reid"
 LABELED = True
 SPLITS = ("train", "val", "query", "gallery")

@@ -1,6 +1,6 @@
 """PoseTrack21, person-search split (COCO-like json).
 
-Layout (reference ``ps_datasets_eval.md`` section 3)::
+Layout (docs/datasets.md section 4)::
 
     root/images/{train,val}/<video>/<frame>.jpg
     root/posetrack_person_search/{train.json, val.json, query.json}
@@ -31,6 +31,7 @@ from ..imageio import header_size_or_reason
 from ..record import ImageRef, ParseItem, Record, Skip, box_is_degenerate, clip_box, fit_box, safe_key
 
 NAME = "posetrack21"
+ORDER = 90          # position in listings (hybridps.registry)
 TASK = "ps"
 LABELED = True
 SPLITS = ("train", "test")

@@ -1,6 +1,6 @@
 """PRW (PRW-v16.04.20) person-search release.
 
-Layout (reference ``ps_datasets_eval.md`` section 2)::
+Layout (docs/datasets.md section 3)::
 
     root/frames/c<cam>s<seq>_<frame>.jpg
     root/annotations/<frame>.jpg.mat     one of box_new / anno_file / anno_previous:
@@ -46,6 +46,7 @@ from ..imageio import header_size_or_reason
 from ..record import Fix, ImageRef, ParseItem, Record, Skip, fit_box, safe_key
 
 NAME = "prw"
+ORDER = 80          # position in listings (hybridps.registry)
 TASK = "ps"
 LABELED = True
 SPLITS = ("train", "test")

@@ -1,6 +1,6 @@
 """Synthetic CUHK03 in the raw release layout (see data_prep/formats/cuhk03.py).
 
-Writes, following the fake-copy recipe of the reference (section 4.5)::
+Writes (the release layout of docs/datasets.md section 5.4)::
 
     root/cuhk03_release/cuhk-03.mat                MATLAB v7.3: HDF5 + 512-byte MAT header
     root/cuhk03_new_protocol_config_detected.mat   MATLAB v5 (scipy.io.savemat)

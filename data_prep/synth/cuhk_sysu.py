@@ -17,7 +17,7 @@ The pool is tiny, so ``TestG{K}`` lists ``min(K, pool - 1)`` gallery entries
 for every K, so the files differ in content and order.  The subset files
 (a quarter of the queries each: a random "occluded" set and the smallest
 query boxes as "low resolution") use the two layouts the parser reads, since
-the reference does not describe their inside: ``Occlusion1`` has the TestG
+the public sources do not describe their inside: ``Occlusion1`` has the TestG
 structure (Query/Gallery per subset query, gallery from TestG100) and
 ``Test_Size`` is a plain struct list of queries (imname, idlocate, ishard,
 idname).  Their query positions are the truth's ``query_subsets``.

@@ -1,6 +1,6 @@
 """Online instance matching (OIM) loss with a look-up table (LUT) and a circular queue (CQ).
 
-Semantics follow NAE/SeqNet (ps_datasets_eval.md 5.3): logits = scalar * x [LUT; CQ]^T, cross
+Semantics follow NAE/SeqNet (docs/protocol.md section 9): logits = scalar * x [LUT; CQ]^T, cross
 entropy over labelled samples only, and in the backward pass (so the gradient uses the tables
 the logits were computed with) every labelled sample moves its LUT row by momentum and
 re-normalises it, while unlabelled samples (-1) overwrite the oldest queue slots.

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from hybridps.pretrain.model.shufflenet_v1 import ShuffleNetV1
+from hybridps.registry import Registry
 
 
 @dataclass
@@ -27,15 +28,9 @@ class BackboneParts:
 
 
 Builder = Callable[[bool | str], BackboneParts]
-BACKBONES: dict[str, Builder] = {}
-
-
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator adding a backbone builder to the registry."""
-    def wrap(fn: Builder) -> Builder:
-        BACKBONES[name] = fn
-        return fn
-    return wrap
+#: backbone builders by name; a builder in any module registers itself with ``@register("name")``
+BACKBONES: Registry[Builder] = Registry("backbone")
+register = BACKBONES.register
 
 
 def build_backbone(name: str, pretrained: bool | str = False) -> BackboneParts:
@@ -43,7 +38,7 @@ def build_backbone(name: str, pretrained: bool | str = False) -> BackboneParts:
     if name.startswith("timm:"):
         return timm_backbone(name[len("timm:"):], pretrained)
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)} or 'timm:<model name>'")
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)} or 'timm:<model name>'")
     return BACKBONES[name](pretrained)
 
 

@@ -9,7 +9,7 @@ LUT_DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class ModelConfig:
-    """NAE person-search model; defaults are the NAE4PS values (ps_datasets_eval.md 5.2).
+    """NAE person-search model; defaults are the NAE4PS values (docs/protocol.md section 8).
 
     ``norm_layer``: "bn" (plain BatchNorm in train mode, as NAE), "frozen_bn" (BatchNorm that
     always uses its running statistics and has frozen affine parameters; keys unchanged) or
