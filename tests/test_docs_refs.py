@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCANNED_DIRS = ("data_prep", "pretrain", "checkpoints", "finetune", "hybridps", "benchmarks", "scripts", "docs")
 SCANNED_FILES = ("README.md",)
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".sh", ".txt", ".toml", ".cfg", ".json"}
-# Markdown files that commands write (outputs, not docs): hybridps finetune compare, benchmarks/ablation.py
-GENERATED = {"comparison.md", "ablation.md"}
+# Markdown files that commands write (outputs, not docs): hybridps finetune compare, benchmarks/*ablation.py
+GENERATED = {"comparison.md", "ablation.md", "ablation_3seeds.md", "psdiff_ablation.md", "modules_ablation.md"}
 # Development-time reference notes that never shipped: cited by name, with or without ".md"
 NOT_SHIPPED = re.compile(r"\b(ps_datasets_eval|pretrain_datasets|ckpt_formats|anchors_deps)\b|shared/reference")
 

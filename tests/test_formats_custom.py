@@ -260,9 +260,10 @@ def test_short_pretraining_run_on_custom_sources(custom_build, tmp_path):
          "--max-steps", 2, "train.progress=false", "train.log_with=null", timeout=400)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert (cfg["hybrid"]["det_domains"], cfg["hybrid"]["reid_domains"]) == ([0, 1], [2, 3])
-    hist = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+    hist = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [1, 2]
-    assert all(math.isfinite(h["loss"]) and "loss_det_img" in h and "loss_reid_img" in h for h in hist)
+    assert all(math.isfinite(h["loss"]) and "loss_det_img" in h["terms"] and "loss_reid_img" in h["terms"]
+               for h in hist)
     assert json.loads((run / "meta.json").read_text())["steps"] == 2
 
 

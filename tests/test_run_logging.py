@@ -132,7 +132,7 @@ def test_build_prints_count_lines_when_piped_and_keeps_log_txt(build, tmp_path):
     assert len(lines) >= 2 and ("img/s" in lines[0] or "s/img" in lines[0])
     assert lines[-1].split(": ", 1)[1].startswith("images 24/24 (100%)")       # 4 crowdhuman + 20 msmt17 crops
     log = (out / "log.txt").read_text()
-    assert "data_prep build" in log and all(ln.split(": ", 1)[1] in log for ln in lines)
+    assert "hybridps data build" in log and all(ln.split(": ", 1)[1] in log for ln in lines)
     assert "TOTAL" in log                                                          # the result table too
     strict_json((out / "manifest.json").read_text())
     # --quiet: nothing on stderr but the plan; log.txt still gets the lines
