@@ -449,7 +449,7 @@ def cmd_train(args, log=logger.info) -> Path:
 
     from hybridps.finetune.datasets import PersonSearchDataset, load_train_records, relabel, train_subset
     from hybridps.finetune.engine import resume_config, train_loop
-    from hybridps.finetune.init import load_scoped, normalization_for_model, resolve_init
+    from hybridps.finetune.init import load_scoped, model_changes_for_init, resolve_init
 
     if getattr(args, "method", "nae") == "psdiff":
         from hybridps.finetune.psdiff.run import cmd_train as cmd_train_psdiff
@@ -490,12 +490,7 @@ def cmd_train(args, log=logger.info) -> Path:
     weights = resolve_init(args.init, offline=True if args.offline else None)
     changes = {"num_pids": lab.num_ids}
     if weights is not None:
-        if weights.backbone != cfg.model.backbone:
-            log(f"note: INIT is a {weights.backbone}; building that instead of {cfg.model.backbone}")
-            changes["backbone"] = weights.backbone
-        norm = normalization_for_model(weights.normalization)
-        if norm is not None:
-            changes["image_mean"], changes["image_std"] = norm
+        changes.update(model_changes_for_init(weights, cfg.model.backbone, log))
         if weights.style == "caffe":
             logger.warning("INIT was trained caffe-style (stride in the 1x1 conv, BGR); our ResNet is pytorch-style")
     cfg = ftconfig.with_model(cfg, **changes)

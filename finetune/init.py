@@ -71,6 +71,19 @@ def resolve_init(init: str, offline: bool | None = None) -> InitWeights | None:
     return InitWeights(str(init), pre.state_dict, backbone, pre.normalization, pre.style, pre.report)
 
 
+def model_changes_for_init(weights: "InitWeights", backbone: str, log) -> dict:
+    """Model-config changes an INIT implies: its backbone (when it is not ``backbone``) and its
+    input normalisation (when it records one)."""
+    changes: dict = {}
+    if weights.backbone != backbone:
+        log(f"note: INIT is a {weights.backbone}; building that instead of {backbone}")
+        changes["backbone"] = weights.backbone
+    norm = normalization_for_model(weights.normalization)
+    if norm is not None:
+        changes["image_mean"], changes["image_std"] = norm
+    return changes
+
+
 def normalization_for_model(norm: dict | None) -> tuple[list[float], list[float]] | None:
     """Registry/run normalisation -> ModelConfig image_mean/std (0-1 scale, RGB).
     None when unknown (keep the config's) or when it is BGR (our model reads RGB)."""

@@ -11,7 +11,8 @@ import torch
 
 from hybridps.data_prep.runlog import result, write_json
 from hybridps.finetune import config as ftconfig
-from hybridps.finetune.init import InitError, InitWeights, load_scoped, normalization_for_model, resolve_init
+from hybridps.finetune.init import (InitError, InitWeights, load_scoped, model_changes_for_init,
+                                    normalization_for_model, resolve_init)
 from hybridps.finetune.psdiff import config as psconfig
 from hybridps.finetune.psdiff.config import PSDiffConfig
 from hybridps.finetune.psdiff.model import PSDiff, build_psdiff
@@ -122,12 +123,7 @@ def cmd_train(args, log=print) -> Path:
     changes = {"emb_dim": int(teacher.cfg.emb_dim)}
     weights = resolve_init(args.init, offline=True if args.offline else None)
     if weights is not None:
-        if weights.backbone != cfg.model.backbone:
-            log(f"note: INIT is a {weights.backbone}; building that instead of {cfg.model.backbone}")
-            changes["backbone"] = weights.backbone
-        norm = normalization_for_model(weights.normalization)
-        if norm is not None:
-            changes["image_mean"], changes["image_std"] = norm
+        changes.update(model_changes_for_init(weights, cfg.model.backbone, log))
     cfg = psconfig.with_model(cfg, **changes)
     set_seed(t.seed)                       # the model's init does not depend on the teacher's loading
     model = build_psdiff(cfg.model)
