@@ -437,7 +437,7 @@ def test_segment_ap_equals_per_query_average_precision_bit_for_bit(seed):
     very float that per-query ``average_precision`` gives -- with heavy ties,
     a segment without positives, segments with >8 and >64 positives (other
     summation paths) and segments of one row."""
-    from hybridps.finetune.evaluate import _segment_ap
+    from hybridps.finetune.evaluate.scoring import _segment_ap
 
     rng = np.random.default_rng(seed)
     sizes = [1, 5, 40, 300, 2000, 17, 0, 9]
@@ -474,7 +474,7 @@ def test_cuhk_blocks_of_queries_give_the_same_numbers(monkeypatch):
     """Queries are processed in blocks sized by a cell budget; blocks of one
     or two queries give exactly what one block gives, and both equal the loop
     reference (duplicated list entries present)."""
-    from hybridps.finetune import evaluate
+    from hybridps.finetune.evaluate import types as evaluate_types
 
     bench = _loop_reference()
     protocol, inputs = bench.make_case(n_images=150, n_ids=40, persons_per_image=(2, 6), n_queries=30,
@@ -482,7 +482,8 @@ def test_cuhk_blocks_of_queries_give_the_same_numbers(monkeypatch):
     assert any(len(lst) != len({k for k, _ in lst}) for lst in protocol.per_query_gallery)
     whole = eval_search(protocol, inputs)
     n_dets = sum(len(d) for d in inputs.gallery.values())
-    monkeypatch.setattr(evaluate, "_BLOCK_CELLS", n_dets + 1)   # one query per chunk, a few per plan block
+    # the plan and scoring stages both read the bound from evaluate.types when they run
+    monkeypatch.setattr(evaluate_types, "_BLOCK_CELLS", n_dets + 1)   # one query per chunk, a few per plan block
     split = eval_search(protocol, inputs)
     for a, b in zip(whole.per_query, split.per_query):
         assert (a.ap, a.recall, a.count_gt, a.count_tp, a.hits) == (b.ap, b.recall, b.count_gt, b.count_tp, b.hits)
