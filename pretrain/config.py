@@ -2,7 +2,7 @@
 
 ``PretrainConfig`` composes ``ModelConfig`` (the search model,
 pretrain/model/config.py), ``HybridConfig`` (losses and alignment modules,
-pretrain/hybrid.py), ``DataConfig`` (the loader, pretrain/data.py) and
+pretrain/hybrid.py), ``DataConfig`` (the loader, pretrain/data/config.py) and
 ``TrainConfig`` (below).  Every YAML key is a dataclass field;
 unknown keys are an error that names the closest known key.
 

@@ -113,7 +113,7 @@ RULES: dict[str, Check] = {
                                               "inter_task", "oim_two_view")},
     **{f"hybrid.loss.{k}": WEIGHT for k in ("eta", "lambda_adv", "w_rpn_cls", "w_rpn_reg", "w_box_reg",
                                             "w_det_cls", "w_reid", "w_img", "w_ins", "w_cst", "w_inter")},
-    # data (pretrain/data.py)
+    # data (pretrain/data/config.py)
     "data.shards": anything, "data.urls": anything, "data.manifest": anything, "data.cache_dir": anything,
     "data.splits": anything, "data.weights": values(rng(0)),
     "data.batch_size": IPOS, "data.num_workers": INONNEG,
