@@ -16,9 +16,15 @@ for part in PARTS:
         packages.append(name)
         package_dir[name] = rel.as_posix()
 
+# the YAML config folders ship as data-only packages (no __init__.py): named here, setuptools
+# installs them without its "importable data folder" deprecation warning
+for part in ("pretrain", "finetune"):
+    packages.append(f"hybridps.{part}.configs")
+    package_dir[f"hybridps.{part}.configs"] = f"{part}/configs"
+
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"hybridps.pretrain": ["configs/*.yaml"], "hybridps.finetune": ["configs/*.yaml"],
+    package_data={"hybridps.pretrain.configs": ["*.yaml"], "hybridps.finetune.configs": ["*.yaml"],
                   "hybridps.checkpoints": ["*.json"]},
 )

@@ -17,7 +17,6 @@ gallery detections above ``det_thresh`` weighted by their detection score
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,19 +178,6 @@ class _Resolved:
     weights: Any = None        # finetune.init.InitWeights for a scoped load
 
 
-def _finetune_run(path: Path) -> dict | None:
-    from hybridps.finetune.cli import RUN_KIND
-
-    meta = path / "meta.json"
-    if not (path.is_dir() and meta.is_file() and (path / "model.safetensors").is_file()):
-        return None
-    try:
-        data = json.loads(meta.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise APIError(f"{meta}: not valid JSON ({type(e).__name__})") from None
-    return data if isinstance(data, dict) and data.get("kind") == RUN_KIND else None
-
-
 def _run_model_cfg(path: Path) -> tuple[dict, dict]:
     """(model, eval) sections of a run's config.yaml ({} when absent)."""
     import yaml
@@ -239,7 +225,9 @@ def _resolve(weights: str, offline: bool | None) -> _Resolved:
     det_thresh = eval_data.get("det_thresh", DEFAULT_DET_THRESH)
     if not (isinstance(det_thresh, (int, float)) and not isinstance(det_thresh, bool) and 0.0 <= det_thresh <= 1.0):
         raise APIError(f"{local / 'config.yaml'}: eval.det_thresh must be in [0, 1], got {det_thresh!r}")
-    if _finetune_run(local) is not None:
+    from hybridps.finetune.cli import run_meta
+
+    if run_meta(local, APIError) is not None:
         # the fine-tuned model as saved, OIM table included: a strict load
         return _Resolved(_model_cfg(model_data), load_file(str(local / "model.safetensors")), det_thresh)
     try:

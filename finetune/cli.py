@@ -202,7 +202,7 @@ def load_model_for_eval(checkpoint: str, cfg: FinetuneConfig, log=logger.info):
     from hybridps.finetune.init import load_scoped, resolve_init
 
     path = Path(checkpoint)
-    meta = _run_meta(path)
+    meta = run_meta(path)
     if meta is not None:
         from safetensors.torch import load_file
 
@@ -223,16 +223,18 @@ def load_model_for_eval(checkpoint: str, cfg: FinetuneConfig, log=logger.info):
     return model, cfg
 
 
-def _run_meta(path: Path) -> dict | None:
+def run_meta(path: Path, error: type[Exception] = CLIError) -> dict | None:
+    """The meta.json of a fine-tuned run folder (``finetune train --out``), or None when
+    ``path`` is not one; a damaged meta.json raises ``error``.  Shared with the Python API."""
     meta = path / "meta.json"
     if not (path.is_dir() and meta.is_file() and (path / "model.safetensors").is_file()):
         return None
     try:
         data = json.loads(meta.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CLIError(f"{meta}: not valid JSON ({type(e).__name__})") from None
+        raise error(f"{meta}: not valid JSON ({type(e).__name__})") from None
     if not isinstance(data, dict):
-        raise CLIError(f"{meta}: must be a JSON object, got a {type(data).__name__}")
+        raise error(f"{meta}: must be a JSON object, got a {type(data).__name__}")
     return data if data.get("kind") == RUN_KIND else None
 
 
@@ -318,7 +320,7 @@ def cmd_eval(args, log=logger.info) -> dict:
     if args.gallery_size is not None and args.dataset != "cuhk_sysu":
         raise CLIError(f"--gallery-size applies to cuhk_sysu only; the {args.dataset} gallery is the whole test set")
     ckpt = Path(args.checkpoint) if args.checkpoint else None
-    meta = _run_meta(ckpt) if ckpt is not None else None
+    meta = run_meta(ckpt) if ckpt is not None else None
     if meta is not None and meta.get("method", "nae") == "psdiff":
         from hybridps.finetune.psdiff.run import cmd_eval as cmd_eval_psdiff
 
@@ -352,7 +354,7 @@ def cmd_eval(args, log=logger.info) -> dict:
         inputs = run_inference(model, protocol, device, cfg.eval.batch_size, settings.cbgm, log)
         log(f"wrote {write_results(out / 'results.npz', inputs, args.dataset, {'checkpoint': str(args.checkpoint)})}")
         source = f"checkpoint {args.checkpoint}"
-        meta = _run_meta(ckpt) if ckpt is not None else None
+        meta = run_meta(ckpt) if ckpt is not None else None
         if meta is not None:
             # the run's final weights: no checkpoint is picked by its test score
             model_info = {"run": str(ckpt), "steps": meta.get("steps"), "selection": "last"}
@@ -407,19 +409,6 @@ def _resume_target(out: Path, args) -> Path | None:
     return None
 
 
-def _flat(node, prefix: str = "") -> dict:
-    """TensorBoard hparams: scalars under dotted keys."""
-    from hybridps.pretrain.config import to_dict
-
-    flat = {}
-    for k, v in to_dict(node).items() if prefix == "" else node.items():
-        if isinstance(v, dict):
-            flat.update(_flat(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return flat
-
-
 def _evaluator(args, cfg: FinetuneConfig, device):
     """``evaluate(model, step) -> metrics`` on the test protocol (periodic evaluation)."""
     from hybridps.finetune.datasets import load_protocol
@@ -443,7 +432,8 @@ def _evaluator(args, cfg: FinetuneConfig, device):
 
 def cmd_train(args, log=logger.info) -> Path:
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import is_tensorboard_available, set_seed
+    from accelerate.utils import set_seed
+    from hybridps.pretrain.loop import hparams, tracker_problem
     from hybridps.pretrain.model import build_search_model
     from hybridps.pretrain.state import CheckpointError, check_resumable
 
@@ -459,9 +449,9 @@ def cmd_train(args, log=logger.info) -> Path:
         raise CLIError("--teacher applies to --method psdiff only")
     cfg = _apply_train_args(args, load_cfg(args))
     t = cfg.train
-    if t.log_with == "tensorboard" and not is_tensorboard_available():
-        raise CLIError("train.log_with=tensorboard but neither tensorboard nor tensorboardX is installed "
-                       "(pip install tensorboard, or --log-with none)")
+    problem = tracker_problem(t.log_with)
+    if problem:
+        raise CLIError(problem)
     out = Path(args.out or f"runs/finetune_{args.dataset}")
     start_from = _resume_target(out, args)
 
@@ -508,7 +498,7 @@ def cmd_train(args, log=logger.info) -> Path:
     else:
         log("INIT none: random initialisation")
     if t.log_with:
-        accelerator.init_trackers("finetune", config=_flat(cfg))
+        accelerator.init_trackers("finetune", config=hparams(cfg))
 
     evaluate = _evaluator(args, cfg, accelerator.device) if t.eval_every and accelerator.is_main_process else None
     dataset = PersonSearchDataset(subset, flip_prob=t.flip_prob, seed=t.seed)

@@ -71,23 +71,26 @@ class FinetuneConfig:
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
 
 
-def default_config_path(dataset: str) -> Path:
+def default_config_path(dataset: str, prefix: str = "") -> Path:
+    """finetune/configs/<prefix><dataset>.yaml (prefix: a method's, e.g. ``psdiff_``)."""
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
-    return CONFIG_DIR / f"{dataset}.yaml"
+    return CONFIG_DIR / f"{prefix}{dataset}.yaml"
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:
-    """YAML (with ``include:``) + dotted overrides -> validated config.  Unknown
-    keys are an error naming the closest known key (``from_dict``)."""
+def load_config(path: str | Path | None, overrides: list[str] = (), schema: type = FinetuneConfig,
+                check=None):
+    """YAML (with ``include:``) + dotted overrides -> validated ``schema`` config (a
+    method's own dataclass and ``check`` for PSDiff).  Unknown keys are an error naming
+    the closest known key (``from_dict``)."""
     data = load_yaml_with_includes(path) if path else {}
     for ov in overrides:
-        data = apply_override(data, ov, FinetuneConfig)
+        data = apply_override(data, ov, schema)
     try:
-        cfg = from_dict(FinetuneConfig, data)
+        cfg = from_dict(schema, data)
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    validate(cfg)
+    (check or validate)(cfg)
     return cfg
 
 

@@ -27,7 +27,8 @@ from hybridps.finetune.datasets import EpochSampler, ImageListDataset, PersonSea
 from hybridps.finetune.evaluate import Detections, SearchInputs, box_iou_matrix
 from hybridps.pretrain.history import History, lines_up_to, record
 from hybridps.pretrain.losses.oim import init_sync_group
-from hybridps.pretrain.optim import param_groups
+from hybridps.pretrain.loop import flatten, reduce_means, to_device
+from hybridps.pretrain.optim import linear_warmup, sgd, step_decay
 
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,7 @@ def build_optimizer(model: torch.nn.Module, t: FinetuneTrainConfig) -> torch.opt
     """SGD over trainable parameters; biases without weight decay unless
     ``decay_bias`` (NAE4PS's default).  Norm layers' affine parameters are decayed here as in
     NAE4PS, so fine-tuning numbers stay comparable with the published ones."""
-    groups = param_groups(model, t.weight_decay, decay_bias=t.decay_bias, decay_norm=True)
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+    return sgd(model, t.lr, t.momentum, t.weight_decay, decay_bias=t.decay_bias, decay_norm=True)
 
 
 def lr_factor(step: int, iters_per_epoch: int, t: FinetuneTrainConfig) -> float:
@@ -51,12 +51,8 @@ def lr_factor(step: int, iters_per_epoch: int, t: FinetuneTrainConfig) -> float:
     from ``warmup_factor`` over the first epoch (``iters - 1`` steps, as
     NAE4PS/SeqNet), then x gamma at each epoch milestone."""
     warm_iters = t.warmup_iters if t.warmup_iters is not None else max(0, iters_per_epoch - 1)
-    warm = 1.0
-    if step < warm_iters:
-        alpha = step / warm_iters
-        warm = t.warmup_factor * (1 - alpha) + alpha
     epoch = step // max(1, iters_per_epoch)
-    return warm * t.gamma ** sum(epoch >= m for m in t.milestones)
+    return linear_warmup(step, warm_iters, t.warmup_factor) * step_decay(epoch, t.milestones, t.gamma)
 
 
 def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
@@ -64,11 +60,6 @@ def weighted_total(losses: dict[str, torch.Tensor], weights: dict[str, float]) -
     if unknown:
         raise TrainError(f"train.loss_weights names unknown losses {sorted(unknown)}; the model returns {sorted(losses)}")
     return sum(weights.get(k, 1.0) * v for k, v in losses.items())
-
-
-def _to_device(images, targets, device):
-    return ([i.to(device, non_blocking=True) for i in images],
-            [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets])
 
 
 @dataclass
@@ -91,16 +82,7 @@ def resume_config(cfg, dataset: str, init: str, init_scope: str, train_keys: lis
     (dotted keys, compared by pretrain/state.py's ``compare_resume_config``)."""
     from hybridps.pretrain.config import to_dict
 
-    flat = {}
-
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix[:-1]] = node
-
-    walk("", {"model": to_dict(cfg.model), "train": to_dict(cfg.train)})
+    flat = flatten({"model": to_dict(cfg.model), "train": to_dict(cfg.train)})
     keep = {k: v for k, v in flat.items() if k not in RESUME_FREE}
     keep.update(dataset=dataset, init=init, init_scope=init_scope, world_size=world_size,
                 train_keys_sha256=hashlib.sha256("\n".join(sorted(train_keys)).encode()).hexdigest())
@@ -148,8 +130,7 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
     ``t.eval_every`` steps on rank 0 (RNG states preserved around it); its
     metrics go to ``evals.jsonl`` and the tracker, for monitoring only.
     ``make_optimizer(model, t)``: NAE's SGD unless a method brings its own (PSDiff: AdamW)."""
-    from hybridps.pretrain.state import CheckpointError, load_checkpoint, save_checkpoint
-    from hybridps.pretrain.train import next_checkpoint_number
+    from hybridps.pretrain.state import CheckpointError, load_checkpoint, next_checkpoint_number, save_checkpoint
 
     out = Path(out)
     sampler = EpochSampler(len(dataset), t.seed)
@@ -199,7 +180,7 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
         epoch, done_in_epoch = divmod(step, iters_per_epoch)
         sampler.position(epoch, done_in_epoch * t.batch_size * accelerator.num_processes)
         for images, targets, _keys in loader:
-            images, targets = _to_device(images, targets, accelerator.device)
+            images, targets = to_device((images, targets), accelerator.device)
             with accelerator.autocast():
                 losses = model(images, targets)
             loss = weighted_total(losses, t.loss_weights)
@@ -214,7 +195,7 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
             optimizer.zero_grad(set_to_none=True)
             step += 1
             lr = optimizer.param_groups[0]["lr"]
-            last = _mean_over_ranks(accelerator, {"loss": loss, **losses})
+            last = reduce_means(accelerator, {k: [float(v.detach())] for k, v in {"loss": loss, **losses}.items()})
             history.write(record(step, lr, last, time.monotonic() - started))
             for k, v in last.items():
                 window[k].append(v)
@@ -234,14 +215,6 @@ def train_loop(model: torch.nn.Module, dataset: PersonSearchDataset, t: Finetune
     outcome = TrainOutcome(step, step / iters_per_epoch, time.monotonic() - started, last, evals.rows,
                            None if resume is None else str(resume))
     return outcome
-
-
-def _mean_over_ranks(accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The step's losses averaged over processes (as pre-training logs them)."""
-    stacked = torch.stack([v.detach().float() for v in values.values()])
-    if accelerator.num_processes > 1:
-        stacked = accelerator.reduce(stacked, reduction="mean")
-    return dict(zip(values, stacked.tolist()))
 
 
 def _periodic_eval(accelerator, model, evaluate, step: int, evals: "EvalLog", t) -> None:

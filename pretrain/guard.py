@@ -1,7 +1,7 @@
 """Stop a diverging run before it writes anything.
 
 The logged step means leave NaN values out (a monitor can be undefined for a
-batch, see ``train._reduce_means``), so a NaN *loss* would vanish from the
+batch, see ``loop.reduce_means``), so a NaN *loss* would vanish from the
 log; these checks count non-finite loss terms per micro-batch instead and
 agree across ranks (one all-reduce), so every rank stops at the same step and
 no collective is left waiting.

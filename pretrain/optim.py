@@ -1,4 +1,5 @@
-"""Optimizer parameter groups shared by pre-training and fine-tuning."""
+"""The optimizer and learning-rate schedule pieces shared by pre-training and fine-tuning:
+parameter groups with the weight-decay exemptions, NAE-style SGD, linear warm-up, step decay."""
 from __future__ import annotations
 
 import torch
@@ -28,3 +29,23 @@ def param_groups(model: nn.Module, weight_decay: float, decay_bias: bool = False
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float, decay_bias: bool = False,
+        decay_norm: bool = False) -> torch.optim.SGD:
+    """SGD with momentum over :func:`param_groups` (NAE4PS / SeqNet's optimizer)."""
+    return torch.optim.SGD(param_groups(model, weight_decay, decay_bias, decay_norm), lr=lr, momentum=momentum)
+
+
+def linear_warmup(step: int, steps: int, start: float) -> float:
+    """Multiplier rising linearly from ``start`` at step 0 to 1 at ``steps``, then 1
+    (torchvision's and NAE4PS's warm-up)."""
+    if step >= steps:
+        return 1.0
+    alpha = step / max(1, steps)
+    return start * (1 - alpha) + alpha
+
+
+def step_decay(position: float, milestones, gamma: float) -> float:
+    """``gamma`` to the number of milestones reached by ``position`` (a step or an epoch)."""
+    return gamma ** sum(position >= m for m in milestones)

@@ -40,6 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hybridps.data_prep.build.files import fsync_dir
+from hybridps.pretrain.loop import flatten
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +112,18 @@ def _number(path: Path) -> int:
     return int(path.name.split("_")[1])
 
 
+def next_checkpoint_number(out: Path) -> int:
+    """Numbers only grow, so a new checkpoint never replaces an older folder."""
+    found = checkpoint_dirs(out)
+    return _number(found[-1]) + 1 if found else 0
+
+
 # --------------------------------------------------------------------------- resume-relevant config
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
-
-
 def resume_config(cfg, world_size: int, manifest_sha256: str) -> dict[str, Any]:
     """The settings a resumed run must share with the saved one (dotted keys)."""
     from hybridps.pretrain.config import to_dict
 
-    flat = _flatten(to_dict(cfg))
+    flat = flatten(to_dict(cfg))
     keep = {k: v for k, v in flat.items()
             if k.startswith(("model.", "hybrid.", *(r + "." for r in RESUME_KEYS))) or k in RESUME_KEYS}
     # dict-valued settings (data.weights, data.splits) flatten to their items, or vanish when empty

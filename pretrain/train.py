@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 
 from hybridps.data_prep.runlog import Progress, dumps
 from hybridps.pretrain.augment import ViewParams
-from hybridps.pretrain.config import PretrainConfig, dump_config, to_dict
+from hybridps.pretrain.config import PretrainConfig, dump_config
 from hybridps.pretrain.data import PretrainLoader, ShardSource, open_source
 from hybridps.pretrain.export import export_run
 from hybridps.pretrain.guard import end_distributed, nonfinite_losses, nonfinite_parameters
@@ -42,9 +42,10 @@ from hybridps.pretrain.history import History, lines_up_to, record
 from hybridps.pretrain.hybrid import HybridModel
 from hybridps.pretrain.losses.oim import init_sync_group
 from hybridps.pretrain.model.norm import convert_sync_batchnorm
-from hybridps.pretrain.optim import param_groups
-from hybridps.pretrain.state import (CheckpointError, check_resumable, checkpoint_dirs, complete_checkpoints,
-                            load_checkpoint, pick_resume, resume_config, save_checkpoint)
+from hybridps.pretrain.loop import hparams, reduce_means, to_device, tracker_problem
+from hybridps.pretrain.optim import linear_warmup, sgd, step_decay
+from hybridps.pretrain.state import (CheckpointError, check_resumable, complete_checkpoints, load_checkpoint,
+                                     next_checkpoint_number, pick_resume, resume_config, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -102,19 +103,15 @@ def check_alignment_domains(hybrid, num_domains: int) -> None:
 
 def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
     """NAE-style SGD over the trainable parameters; biases and norm parameters undecayed."""
-    return torch.optim.SGD(param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum)
+    return sgd(model, t.lr, t.momentum, t.weight_decay)
 
 
 def lr_factor(step: int, t) -> float:
     """Multiplier of the base lr after ``step`` optimizer steps: linear
     warm-up from ``warmup_factor``, then step decay, cosine or constant."""
-    if step < t.warmup_steps:
-        alpha = step / max(1, t.warmup_steps)
-        warm = t.warmup_factor * (1 - alpha) + alpha
-    else:
-        warm = 1.0
+    warm = linear_warmup(step, t.warmup_steps, t.warmup_factor)
     if t.schedule == "step":
-        return warm * t.gamma ** sum(step >= m for m in t.milestones)
+        return warm * step_decay(step, t.milestones, t.gamma)
     if t.schedule == "cosine":
         progress = min(1.0, max(0.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)))
         return warm * 0.5 * (1 + math.cos(math.pi * progress))
@@ -144,17 +141,6 @@ def make_accelerator(cfg: PretrainConfig, out: Path) -> Accelerator:
     )
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Move a loader batch (nested lists/dicts of tensors) to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list):
-        return [to_device(v, device) for v in batch]
-    return batch
-
-
 def resolve_resume(out: Path, resume: str | None) -> Path | None:
     """``None`` -> fresh run; ``"latest"`` -> newest *complete* checkpoint of
     ``out`` (a half-written or damaged newer one is skipped with a warning); else a path."""
@@ -168,12 +154,6 @@ def resolve_resume(out: Path, resume: str | None) -> Path | None:
         raise TrainError(str(e)) from None
 
 
-def next_checkpoint_number(out: Path) -> int:
-    """Numbers only grow, so a new checkpoint never replaces an older folder."""
-    found = checkpoint_dirs(out)
-    return int(found[-1].name.split("_")[1]) + 1 if found else 0
-
-
 def save(accelerator, out: Path, model, optimizer, scheduler, loader, step: int, resume_cfg: dict, t) -> Path:
     bad = nonfinite_parameters(accelerator.unwrap_model(model))
     if bad:
@@ -181,22 +161,6 @@ def save(accelerator, out: Path, model, optimizer, scheduler, loader, step: int,
                          "not saved or exported")
     return save_checkpoint(accelerator, out, next_checkpoint_number(out), model, optimizer, scheduler, loader,
                            step, resume_cfg, t.total_limit)
-
-
-def _flat_hparams(cfg: PretrainConfig) -> dict:
-    """TensorBoard hparams take scalars only."""
-    flat = {}
-
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            key = prefix[:-1]
-            flat[key] = node if isinstance(node, (int, float, str, bool)) else str(node)
-
-    walk("", to_dict(cfg))
-    return flat
 
 
 def _sha(t: torch.Tensor) -> str:
@@ -240,9 +204,10 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
         dump_config(cfg, out / "config.yaml")
     if t.log_with:
         # checked on every rank before any collective, so a missing package cannot strand the others
-        if t.log_with == "tensorboard" and not is_tensorboard_available():
-            raise TrainError("train.log_with=tensorboard but neither tensorboard nor tensorboardX is installed")
-        accelerator.init_trackers("pretrain", config=_flat_hparams(cfg))
+        problem = tracker_problem(t.log_with)
+        if problem:
+            raise TrainError(problem)
+        accelerator.init_trackers("pretrain", config=hparams(cfg))
         if accelerator.is_main_process and not accelerator.trackers:
             raise TrainError(f"log_with={t.log_with!r} but no tracker started (is tensorboard installed?)")
     if start_from is not None:
@@ -279,7 +244,7 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
             for k, v in out_losses.items():
                 window.setdefault(k, []).append(float(v.detach()))
         state.step += 1
-        last = _reduce_means(accelerator, window)
+        last = reduce_means(accelerator, window)
         diverged = nonfinite_losses(accelerator, window)
         window.clear()
         last["lr"] = scheduler.get_last_lr()[0]
@@ -308,22 +273,6 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
     del model, optimizer, scheduler, loader
     end_distributed(accelerator)
     return out
-
-
-def _reduce_means(accelerator: Accelerator, window: dict[str, list[float]]) -> dict[str, float]:
-    """Mean of each logged value over the accumulation window and all ranks.
-
-    NaN values are left out: a monitor can be undefined for one batch (a
-    domain accuracy when the batch holds no dataset of that IAM's task), and
-    one such rank must not turn the mean of the others into NaN.  A value
-    that is NaN everywhere stays NaN."""
-    names = sorted(window)
-    sums = [sum(v for v in window[n] if not math.isnan(v)) for n in names]
-    counts = [sum(1 for v in window[n] if not math.isnan(v)) for n in names]
-    local = torch.tensor([sums, counts], dtype=torch.float64, device=accelerator.device)
-    total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
-    mean = total[0] / total[1]          # 0 / 0 -> NaN when no rank had a value
-    return {n: float(v) for n, v in zip(names, mean.tolist())}
 
 
 def _open_keys_log(out: Path, rank: int, step: int):

@@ -361,9 +361,9 @@ def test_logged_means_leave_out_undefined_monitors():
     """A NaN monitor (no rows of that IAM's domains in a batch) does not poison the mean."""
     from types import SimpleNamespace
 
-    from hybridps.pretrain.train import _reduce_means
+    from hybridps.pretrain.loop import reduce_means
 
     single = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
-    got = _reduce_means(single, {"loss": [1.0, 3.0], "acc_det_img": [float("nan"), 0.5],
+    got = reduce_means(single, {"loss": [1.0, 3.0], "acc_det_img": [float("nan"), 0.5],
                                  "acc_reid_img": [float("nan"), float("nan")]})
     assert got["loss"] == 2.0 and got["acc_det_img"] == 0.5 and math.isnan(got["acc_reid_img"])

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 from .render import STYLES, appearance_for, encode, place_people, render_scene, stable_rng
+from .truth import SplitTruth
 
 NAME = "coco"
 SIZES = {"tiny": {"train": 8, "val": 3}, "small": {"train": 40, "val": 12}}
@@ -33,22 +34,6 @@ CATEGORIES = [{"id": 1, "name": "bicycle", "supercategory": "vehicle"},
 PERSON, BICYCLE, CAR = 7, 1, 3
 ANNOTATION = {"train": "instances_train.json", "val": "instances_val2017.json"}
 IMAGE_DIR = {"train": "train", "val": "val2017"}
-
-
-class _Split:
-    def __init__(self):
-        self.records: dict = {}
-        self.skipped: dict[str, int] = {}
-        self.fixed: dict[str, int] = {}
-        self.builder_skipped: dict[str, list[str]] = {}
-
-    def count(self, table: dict, reason: str, n: int = 1) -> None:
-        table[reason] = table.get(reason, 0) + n
-
-    def as_dict(self) -> dict:
-        return {"records": self.records, "skipped": self.skipped, "fixed": self.fixed,
-                "builder_skipped": {r: len(k) for r, k in self.builder_skipped.items()},
-                "builder_skipped_keys": self.builder_skipped}
 
 
 class _Scene:
@@ -128,7 +113,7 @@ def _render(sc: _Scene, rng) -> bytes:
 
 
 def _write_split(root: Path, split: str, n: int, seed: int) -> dict:
-    truth = _Split()
+    truth = SplitTruth()
     folder = root / IMAGE_DIR[split]
     scenes: list[_Scene] = []
     broken_anns: list[dict] = []
@@ -178,7 +163,7 @@ def _write_split(root: Path, split: str, n: int, seed: int) -> dict:
     return truth.as_dict()
 
 
-def _special_images(split: str, n: int, seed: int, truth: _Split, store, expect_record) -> list:
+def _special_images(split: str, n: int, seed: int, truth: SplitTruth, store, expect_record) -> list:
     """Images with no usable person, a missing file, a size mismatch and a
     truncated JPEG; returns two broken raw image entries to append."""
     cars, rng = _scene(split, n, seed, people=False)

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from .render import STYLES, appearance_for, encode, place_people, render_scene, stable_rng
+from .truth import SplitTruth
 
 NAME = "crowdhuman"
 SIZES = {"tiny": {"train": 10, "val": 4}, "small": {"train": 56, "val": 20}}
@@ -44,17 +45,8 @@ def _clip(box_xyxy, w: int, h: int) -> list[float]:
             float(min(max(x2, 0), w)), float(min(max(y2, 0), h))]
 
 
-class _Split:
+class _Split(SplitTruth):
     """Ground truth of one split, filled while writing."""
-
-    def __init__(self):
-        self.records: dict = {}
-        self.skipped: dict[str, int] = {}
-        self.fixed: dict[str, int] = {}
-        self.builder_skipped: dict[str, list[str]] = {}
-
-    def count(self, table: dict, reason: str, n: int = 1) -> None:
-        table[reason] = table.get(reason, 0) + n
 
     def add_image(self, img: "_Image") -> None:
         """Count an image's box notes and, if it keeps a person, its record."""
@@ -66,13 +58,6 @@ class _Split:
             self.records[_key(img.id)] = _record_truth(img)
         else:
             self.count(self.skipped, "no_person")
-
-    def as_dict(self) -> dict:
-        return {
-            "records": self.records, "skipped": self.skipped, "fixed": self.fixed,
-            "builder_skipped": {r: len(k) for r, k in self.builder_skipped.items()},
-            "builder_skipped_keys": self.builder_skipped,
-        }
 
 
 class _Image:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from hybridps.finetune.config import CONFIG_DIR, DATASETS, FinetuneEvalConfig, FinetuneTrainConfig
+from hybridps.finetune import config as ftconfig
+from hybridps.finetune.config import FinetuneEvalConfig, FinetuneTrainConfig
 from hybridps.finetune.config import validate as validate_finetune
-from hybridps.pretrain.config import ConfigError, apply_override, from_dict, load_yaml_with_includes, to_dict
+from hybridps.pretrain.config import ConfigError, to_dict
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -91,21 +92,11 @@ class PSDiffConfig:
 
 
 def default_config_path(dataset: str) -> Path:
-    if dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
-    return CONFIG_DIR / f"psdiff_{dataset}.yaml"
+    return ftconfig.default_config_path(dataset, prefix="psdiff_")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> PSDiffConfig:
-    data = load_yaml_with_includes(path) if path else {}
-    for ov in overrides:
-        data = apply_override(data, ov, PSDiffConfig)
-    try:
-        cfg = from_dict(PSDiffConfig, data)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
-    validate(cfg)
-    return cfg
+    return ftconfig.load_config(path, overrides, PSDiffConfig, validate)
 
 
 def validate(cfg: PSDiffConfig) -> None:

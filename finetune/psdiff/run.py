@@ -16,7 +16,7 @@ from hybridps.finetune.init import (InitError, InitWeights, load_scoped, model_c
 from hybridps.finetune.psdiff import config as psconfig
 from hybridps.finetune.psdiff.config import PSDiffConfig
 from hybridps.finetune.psdiff.model import PSDiff, build_psdiff
-from hybridps.pretrain.optim import param_groups
+from hybridps.pretrain.optim import param_groups, sgd
 
 # PSDiff has no RPN, box regressor or NAE embedding head: both scopes move the trunk and layer4
 # (the teacher carries the embedding knowledge).  Our checkpoints keep layer4 under the NAE RoI head.
@@ -29,11 +29,11 @@ METHOD = "psdiff"
 def load_teacher(source: str, student: psconfig.PSDiffModelConfig, log=print):
     """A frozen NAE-layout model with an embedding head (our pre-training run, a fine-tuned NAE
     run, or any weight file the checkpoints package converts); it embeds the gt boxes."""
-    from hybridps.finetune.cli import CLIError, _run_meta, load_model_for_eval
+    from hybridps.finetune.cli import CLIError, load_model_for_eval, run_meta
     from hybridps.pretrain.model.config import ModelConfig
 
     path = Path(source)
-    meta = _run_meta(path)
+    meta = run_meta(path)
     if meta is not None:
         if meta.get("method", "nae") != "nae":
             raise InitError(f"--teacher {source} is a {meta.get('method')} run; the teacher must be an NAE-layout "
@@ -76,10 +76,9 @@ def load_init(model: PSDiff, weights: InitWeights, scope: str, min_fraction: flo
 
 def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
     """AdamW (paper) or SGD; biases and norm affine parameters without weight decay (our choice)."""
-    groups = param_groups(model, t.weight_decay, decay_bias=t.decay_bias)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr)
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+        return torch.optim.AdamW(param_groups(model, t.weight_decay, decay_bias=t.decay_bias), lr=t.lr)
+    return sgd(model, t.lr, t.momentum, t.weight_decay, decay_bias=t.decay_bias)
 
 
 def load_cfg(args, base: Path | None = None) -> PSDiffConfig:
