@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import math
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from hybridps.errors import run_cli
+from hybridps.runlog import cli_logging, final_error
 
 from . import registry
 from .arch import ARCHS, UnknownArchError, detect_arch
@@ -276,26 +275,10 @@ def _strict(obj):
     return obj
 
 
-@contextlib.contextmanager
-def _stderr_logging():
-    """This package's INFO lines (download progress...) on stderr while a
-    command runs -- data_prep/runlog.py's rule; a leaf package, it does not import it."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("hybridps ckpt: %(message)s"))
-    pkg = logging.getLogger(__package__)
-    level = pkg.level
-    pkg.setLevel(logging.INFO)
-    pkg.addHandler(handler)
-    try:
-        yield
-    finally:
-        pkg.removeHandler(handler)
-        pkg.setLevel(level)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 ok; 2 bad input, arguments or environment (one line); 1 internal
     error (traceback with HYBRIDPS_DEBUG=1); 130 interrupted."""
     args = build_parser().parse_args(argv)
-    with _stderr_logging():
-        return run_cli(f"hybridps ckpt {args.cmd}", lambda: args.func(args), USER_ERRORS)
+    prog = f"hybridps ckpt {args.cmd}"
+    with cli_logging(prog, None if argv is None else list(argv)):
+        return run_cli(prog, lambda: args.func(args), USER_ERRORS, report=final_error)

@@ -17,12 +17,13 @@ import logging
 import os
 import re
 import socket
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable
+
+from hybridps.runlog import Progress
 
 from .registry import Entry
 
@@ -144,56 +145,6 @@ def _verify(path: Path, sha256: str | None, prefix: str | None, label: str) -> s
 
 
 # ------------------------------------------------------------- HTTP (URLs)
-class _ByteMeter:
-    """Download progress by the project's one rule (data_prep/runlog.py, which
-    this leaf package does not import): a tqdm bar when stderr is a terminal,
-    else a plain line (bytes, rate, ETA) on the first chunk, every
-    ``HYBRIDPS_LOG_INTERVAL`` seconds (default 30) and at the end."""
-
-    def __init__(self, total: int | None, initial: int, name: str) -> None:
-        self.total, self.done, self.start, self.name = total, initial, initial, name
-        self.t0, self.last, self.shown = time.monotonic(), None, initial
-        try:
-            self.interval = max(0.0, _env_float("HYBRIDPS_LOG_INTERVAL", 30.0))
-        except DownloadError:           # a bad value costs the progress period, not the download
-            self.interval = 30.0
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name,
-                            file=sys.stderr, leave=False)
-
-    def __enter__(self) -> "_ByteMeter":
-        return self
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.monotonic()
-        if self.last is None or now - self.last >= self.interval:
-            self._line(now)
-
-    def _line(self, now: float) -> None:
-        self.last, self.shown = now, self.done
-        elapsed = max(now - self.t0, 1e-9)
-        rate = (self.done - self.start) / elapsed
-        mib = 2 ** 20
-        size = f"{self.done / mib:.1f}" + (f"/{self.total / mib:.1f} MiB ({100 * self.done / max(self.total, 1):.0f}%)"
-                                           if self.total else " MiB")
-        eta = (f" | ETA {int((self.total - self.done) / rate)}s" if self.total and rate > 0 and self.done < self.total
-               else "")
-        logger.info("%s %s | %.1f MiB/s | elapsed %ds%s", self.name, size, rate / mib, elapsed, eta)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.done != self.shown:
-            self._line(time.monotonic())
-
-
 def _total_from_content_range(value: str | None) -> int | None:
     m = re.match(r"bytes (\d+|\*)-?(\d*)/(\d+|\*)", value or "")
     return int(m.group(3)) if m and m.group(3) != "*" else None
@@ -243,7 +194,7 @@ def _fetch_once(url: str, part: Path, timeout: float, budget: _Budget | None = N
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.strip().isdigit() else None
         written = have
-        with open(part, mode) as f, _ByteMeter(total, have, part.name[:-5]) as bar:
+        with open(part, mode) as f, Progress(total, part.name[:-5], initial=have, bytes_=True, logger=logger) as bar:
             try:
                 # read1: return what has arrived, so a trickling server is seen by the budget
                 while block := resp.read1(CHUNK):

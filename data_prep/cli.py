@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from hybridps.errors import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE, run_cli
 
-from .runlog import cli_logging, final_error, log_to_folder, result
+from hybridps.runlog import cli_logging, final_error, log_to_folder, result
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def cmd_build(args) -> int:
     )
     t0 = time.perf_counter()
     try:
-        manifest = run_build(opts, log=logger.info)      # progress and log.txt: data_prep/runlog.py
+        manifest = run_build(opts, log=logger.info)      # progress and log.txt: hybridps/runlog.py
     except BuildError as e:
         raise UsageError(str(e)) from None
     result(manifest_table(manifest))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hybridps.data_prep.runlog import cli_logging, final_error, log_to_folder, result, write_json
+from hybridps.runlog import cli_logging, final_error, log_to_folder, result, write_json
 from hybridps.finetune import config as ftconfig
 from hybridps.finetune.config import DATASETS, ConfigError, FinetuneConfig
 from hybridps.finetune.datasets import DatasetError

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from hybridps.data_prep.runlog import Progress, dumps
+from hybridps.runlog import Progress, dumps
 from hybridps.finetune.config import FinetuneTrainConfig
 from hybridps.finetune.datasets import EpochSampler, ImageListDataset, PersonSearchDataset, collate, read_image
 from hybridps.finetune.evaluate import Detections, SearchInputs, box_iou_matrix

@@ -20,7 +20,7 @@ import os
 import uuid
 from pathlib import Path
 
-from hybridps.data_prep.runlog import cli_logging, final_error, result
+from hybridps.runlog import cli_logging, final_error, result
 from hybridps.errors import EXIT_OK, run_cli
 from hybridps.pretrain.config import ConfigError, load_config
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hybridps.data_prep.runlog import dumps
+from hybridps.runlog import dumps
 from hybridps.pretrain.config import PretrainConfig, dump_config
 from hybridps.pretrain.history import HISTORY_NAME
 

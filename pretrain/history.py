@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from hybridps.data_prep.runlog import dumps, memory_mib
+from hybridps.runlog import dumps, memory_mib
 
 HISTORY_NAME = "history.jsonl"
 FIELDS = ("step", "lr", "loss", "terms", "time", "mem_mib")

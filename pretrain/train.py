@@ -11,7 +11,7 @@ wrong with accelerate + webdataset (measured, see the README, "Pre-training"):
 * the scheduler steps once per optimizer step whatever the world size
   (``step_scheduler_with_optimizer=False``: accelerate would otherwise step
   it ``num_processes`` times per call);
-* progress follows data_prep/runlog.py (a bar on a terminal, periodic plain
+* progress follows hybridps/runlog.py (a bar on a terminal, periodic plain
   lines with step, loss, speed, ETA and memory otherwise; both in log.txt), and
   every step goes to ``history.jsonl`` (pretrain/history.py, shared with finetune);
 * a checkpoint (pretrain/state.py, not ``save_state``: no pickle, and
@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from hybridps.data_prep.runlog import Progress, dumps
+from hybridps.runlog import Progress, dumps
 from hybridps.pretrain.augment import ViewParams
 from hybridps.pretrain.config import PretrainConfig, dump_config
 from hybridps.pretrain.data import PretrainLoader, ShardSource, open_source
@@ -220,7 +220,7 @@ def train(cfg: PretrainConfig, resume: str | None = None) -> Path:
 
     history = History(out, state.step, accelerator.is_main_process)
     keys_log = _open_keys_log(out, accelerator.process_index, state.step)
-    # a bar on a terminal (train.progress: false turns it off), else plain lines (data_prep/runlog.py)
+    # a bar on a terminal (train.progress: false turns it off), else plain lines (hybridps/runlog.py)
     progress = Progress(t.max_steps, "step", unit="step", initial=state.step, logger=log, memory=True,
                         bar=None if (t.progress and accelerator.is_local_main_process) else False)
     started = time.monotonic() - history.elapsed_before

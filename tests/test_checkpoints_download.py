@@ -263,13 +263,13 @@ def test_cli_hub_entry_via_fetch(server, tmp_path, monkeypatch):
 
 
 def test_cli_download_prints_byte_lines_when_piped(server, tmp_path, capsys, monkeypatch):
-    """Not a terminal: plain progress lines (bytes, rate) instead of a bar (data_prep/runlog.py's rule)."""
+    """Not a terminal: plain progress lines (bytes, rate) instead of a bar (hybridps/runlog.py's rule)."""
     monkeypatch.setenv("HYBRIDPS_LOG_INTERVAL", "0")
     server.files["/w.pth"] = PAYLOAD * 3
     assert cli.main(["add", "three-mib", server.url + "/w.pth", "--arch", "resnet18", "--layout", "psvis"]) == 0
     capsys.readouterr()
     sha = hashlib.sha256(PAYLOAD * 3).hexdigest()       # pinned: the bytes are not a real .pth
     assert cli.main(["download", "three-mib", "--cache", str(tmp_path / "c"), "--sha256", sha]) == 0
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if "MiB/s" in ln]
-    assert len(lines) >= 2 and all(ln.startswith("hybridps ckpt: w.pth ") and "/3.0 MiB (" in ln for ln in lines)
-    assert lines[-1].startswith("hybridps ckpt: w.pth 3.0/3.0 MiB (100%) | ")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("hybridps ckpt download: w.pth ")]
+    assert len(lines) >= 2 and all("/3.0 MiB (" in ln and "B/s | elapsed" in ln for ln in lines)
+    assert lines[-1].startswith("hybridps ckpt download: w.pth 3.0 MiB/3.0 MiB (100%) | ")

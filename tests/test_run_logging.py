@@ -1,4 +1,4 @@
-"""One rule for progress and logs (data_prep/runlog.py), checked through the CLIs
+"""One rule for progress and logs (hybridps/runlog.py), checked through the CLIs
 with stdout/stderr piped: periodic plain lines appear, log.txt holds them,
 JSON files parse with a strict parser, and pre-training and fine-tuning write
 the same history fields."""
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hybridps.data_prep import runlog
+from hybridps import runlog
 from hybridps.data_prep.synth import prw as synth_prw
 
 ROOT = Path(__file__).resolve().parents[1]

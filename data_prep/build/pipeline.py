@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .. import manifest as mf
-from ..runlog import LOG_NAME, Progress, log_to_folder
+from hybridps.runlog import LOG_NAME, Progress, log_to_folder
 from ..imageio import ImageError
 from .encode import Dropped, EncodeSettings, Job, Sample, init_worker, reload_passthrough, run_job
 from .files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json

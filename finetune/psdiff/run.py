@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from hybridps.data_prep.runlog import result, write_json
+from hybridps.runlog import result, write_json
 from hybridps.finetune import config as ftconfig
 from hybridps.finetune.init import (InitError, InitWeights, load_scoped, model_changes_for_init,
                                     normalization_for_model, resolve_init)

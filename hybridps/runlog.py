@@ -15,10 +15,9 @@
   bare ``NaN`` is not JSON and strict parsers refuse it) and plain strings for
   enums.
 
-Why in data_prep: it is the bottom of the import graph (pretrain and finetune
-import it; data_prep imports none of them).  checkpoints is a leaf that imports
-nothing of the others, so its download meter (checkpoints/download.py) follows
-the same rule with a few lines of its own instead of importing this module.
+Why in ``hybridps`` (next to errors.py and bounded.py): all four parts use it, and a
+module of the shared core imports no part, so data_prep and checkpoints (which import
+neither of the others) use the same rule as pretrain and finetune.
 """
 from __future__ import annotations
 
