@@ -31,9 +31,32 @@ def _plain(meta: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(dict(meta)))
 
 
-def write_safetensors(sd: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, Any]) -> Path:
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the metadata in sorted order, so that the same
+    tensors and metadata always give the same bytes (safetensors writes its metadata map in
+    a random order per call, so file hashes of identical runs would otherwise differ)."""
     from safetensors.torch import save_file
 
+    save_file(dict(tensors), str(path), metadata=None if metadata is None else dict(metadata))
+    if metadata and len(metadata) > 1:
+        _sort_metadata(Path(path))
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header in place with ``__metadata__`` sorted: the same length, the
+    tensor entries and offsets untouched (the format pads its header with spaces)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(new) > n:           # never: the same items in another order; keep the library's header
+            return
+        f.seek(8)
+        f.write(new + b" " * (n - len(new)))
+
+
+def write_safetensors(sd: Mapping[str, torch.Tensor], path: Path, meta: Mapping[str, Any]) -> Path:
     # safetensors refuses aliased storage (e.g. a layer4 copy), so every tensor gets its own
     seen: set[int] = set()
     tensors: dict[str, torch.Tensor] = {}
@@ -44,7 +67,7 @@ def write_safetensors(sd: Mapping[str, torch.Tensor], path: Path, meta: Mapping[
         seen.add(v.untyped_storage().data_ptr())
         tensors[k] = v
     text_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in _plain(meta).items()}
-    return _atomic(path, lambda p: save_file(tensors, str(p), metadata=text_meta))
+    return _atomic(path, lambda p: save_safetensors(tensors, p, text_meta))
 
 
 def write_torch(obj: Any, path: Path, legacy_format: bool = False) -> Path:

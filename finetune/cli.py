@@ -449,7 +449,7 @@ def cmd_train(args, log=logger.info) -> Path:
         raise CLIError("--teacher applies to --method psdiff only")
     cfg = _apply_train_args(args, load_cfg(args))
     t = cfg.train
-    problem = tracker_problem(t.log_with)
+    problem = tracker_problem(t.log_with, off="--log-with none")
     if problem:
         raise CLIError(problem)
     out = Path(args.out or f"runs/finetune_{args.dataset}")

@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from hybridps.checkpoints.writers import save_safetensors
 from hybridps.runlog import dumps
 from hybridps.pretrain.config import PretrainConfig, dump_config
 from hybridps.pretrain.history import HISTORY_NAME
@@ -59,10 +59,10 @@ def export_run(hybrid: torch.nn.Module, cfg: PretrainConfig, source, out: Path, 
                   "aspect_ratios": json.dumps(list(cfg.model.aspect_ratios))}
     # each file appears whole or not at all (a kill mid-export leaves no half-written
     # weights for finetune to pick up); meta.json, written last, marks a finished export
-    _atomic(out / "model.safetensors", lambda p: save_file(
-        _plain(search_model_state(search_model)), str(p), metadata={"format": "pt", "layout": "hybridps-nae", **provenance}))
-    _atomic(out / "backbone.safetensors", lambda p: save_file(
-        _plain(backbone_state(search_model)), str(p), metadata={"format": "pt", "backbone": cfg.model.backbone, **provenance}))
+    _atomic(out / "model.safetensors", lambda p: save_safetensors(
+        _plain(search_model_state(search_model)), p, {"format": "pt", "layout": "hybridps-nae", **provenance}))
+    _atomic(out / "backbone.safetensors", lambda p: save_safetensors(
+        _plain(backbone_state(search_model)), p, {"format": "pt", "backbone": cfg.model.backbone, **provenance}))
     _atomic(out / "config.yaml", lambda p: dump_config(cfg, p))
     meta = {
         "backbone": cfg.model.backbone,

@@ -42,6 +42,8 @@ def to_device(batch: Any, device: torch.device | str) -> Any:
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):          # a namedtuple
+        return type(batch)(*(to_device(v, device) for v in batch))
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
@@ -62,12 +64,13 @@ def reduce_means(accelerator, window: dict[str, list[float]]) -> dict[str, float
     return {n: float(v) for n, v in zip(names, mean.tolist())}
 
 
-def tracker_problem(log_with: str | None) -> str | None:
-    """Why ``train.log_with`` cannot work here, or None.  Checked on every rank before
-    any collective, so a missing package cannot strand the other processes."""
+def tracker_problem(log_with: str | None, off: str = "train.log_with=null") -> str | None:
+    """Why ``train.log_with`` cannot work here, or None (``off``: how this command turns
+    the tracker off).  Checked on every rank before any collective, so a missing package
+    cannot strand the other processes."""
     from accelerate.utils import is_tensorboard_available
 
     if log_with == "tensorboard" and not is_tensorboard_available():
         return ("train.log_with=tensorboard but neither tensorboard nor tensorboardX is installed "
-                "(pip install tensorboard, or log_with none)")
+                f"(pip install tensorboard, or {off})")
     return None

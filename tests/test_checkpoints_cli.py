@@ -201,3 +201,24 @@ def test_checkpoints_is_a_leaf_package():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
             parts = [n.split(".")[1] if n.startswith("hybridps.") else n.split(".")[0] for n in names]
             assert not any(p in ("data_prep", "pretrain", "finetune") for p in parts), path
+
+
+def test_safetensors_we_write_are_byte_identical_for_the_same_content(tmp_path):
+    """safetensors writes its metadata map in a random order per call; ours is sorted, so
+    identical runs give identical files (hashes can be compared) and the header still reads."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from hybridps.checkpoints.writers import save_safetensors
+
+    tensors = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(3)}
+    meta = {f"key{i}": f"value {i} é" for i in range(9)}
+    digests = set()
+    for i in range(6):
+        path = tmp_path / f"m{i}.safetensors"
+        save_safetensors(tensors, path, meta)
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata() == meta and torch.equal(f.get_tensor("w"), tensors["w"])
+    assert len(digests) == 1

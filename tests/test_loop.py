@@ -28,6 +28,24 @@ def test_to_device_keeps_containers_and_moves_every_tensor():
     assert moved[1][0]["key"] == "a" and moved[2][0] == "x"
 
 
+def test_to_device_rebuilds_namedtuples():
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "image target")
+    moved = to_device(Pair(torch.zeros(1), {"boxes": torch.ones(1, 4)}), "meta")
+    assert type(moved) is Pair and moved.image.device.type == "meta" and moved.target["boxes"].device.type == "meta"
+
+
+def test_tracker_problem_names_how_to_turn_it_off(monkeypatch):
+    import accelerate.utils
+
+    from hybridps.pretrain.loop import tracker_problem
+
+    assert tracker_problem(None) is None
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    assert tracker_problem("tensorboard", off="--log-with none").endswith("or --log-with none)")
+
+
 def test_warmup_and_step_decay():
     assert [linear_warmup(s, 4, 0.2) for s in (0, 2, 4, 9)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
     assert linear_warmup(0, 0, 0.5) == 1.0                    # no warm-up

@@ -52,7 +52,7 @@ def test_wheel_holds_one_namespace_with_data_files(installed):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"hybridps"}, tops               # nothing installs as top-level data_prep/pretrain/...
     for f in ("hybridps/pretrain/train.py", "hybridps/pretrain/data/loader.py", "hybridps/finetune/cli.py",
-              "hybridps/data_prep/formats/__init__.py",
+              "hybridps/data_prep/formats/__init__.py", "hybridps/runlog.py", "hybridps/finetune/evaluate/scoring.py",
               "hybridps/checkpoints/registry.json", "hybridps/pretrain/configs/tiny.yaml",
               "hybridps/finetune/configs/prw.yaml", "hybridps/cli.py"):
         assert f in names, f
