@@ -266,12 +266,17 @@ def markdown(report: dict) -> str:
              "| config | paper analogue | mAP | top-1 | det AP |", "|---|---|---:|---:|---:|"]
     for name, c in report["configs"].items():
         lines.append(f"| {name} | {c['paper']} | {_fmt(c['mAP'])} | {_fmt(c['top1'])} | {_fmt(c['det_ap'])} |")
-    lines += ["", "Paired differences a - b over the same seeds (mean [95% t-interval], percentage points):", "",
-              "| a - b | measures | mAP | top-1 | det AP |", "|---|---|---:|---:|---:|"]
-    for c in report["comparisons"]:
+    return "\n".join(lines + comparison_lines(report["comparisons"])) + "\n"
+
+
+def comparison_lines(comparisons: list[dict]) -> list[str]:
+    """The paired-differences table (markdown lines) of a report's comparisons."""
+    lines = ["", "Paired differences a - b over the same seeds (mean [95% t-interval], percentage points):", "",
+             "| a - b | measures | mAP | top-1 | det AP |", "|---|---|---:|---:|---:|"]
+    for c in comparisons:
         lines.append(f"| {c['a']} - {c['b']} | {c['what']} | {_fmt_diff(c['mAP'])} | {_fmt_diff(c['top1'])} | "
                      f"{_fmt_diff(c['det_ap'])} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # --------------------------------------------------------------------------- main

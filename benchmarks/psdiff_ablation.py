@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation import ROOT, Runner, _fmt, _fmt_diff, paired, py  # noqa: E402
+from ablation import ROOT, Runner, _fmt, comparison_lines, paired, py  # noqa: E402
 
 PSDIFF_CFG = ROOT / "finetune" / "configs" / "psdiff_tiny.yaml"
 DDIM_STEPS = (1, 2, 4, 8)
@@ -99,12 +99,7 @@ def markdown(report: dict) -> str:
     for name, row in report["rows"].items():
         lines.append(f"| {name.split('@')[0]} | {name.split('@')[1] if '@' in name else '-'} | {_fmt(row['mAP'])} | "
                      f"{_fmt(row['top1'])} | {_fmt(row['det_ap'])} |")
-    lines += ["", "Paired differences a - b over the same seeds (mean [95% t-interval], percentage points):", "",
-              "| a - b | measures | mAP | top-1 | det AP |", "|---|---|---:|---:|---:|"]
-    for c in report["comparisons"]:
-        lines.append(f"| {c['a']} - {c['b']} | {c['what']} | {_fmt_diff(c['mAP'])} | {_fmt_diff(c['top1'])} | "
-                     f"{_fmt_diff(c['det_ap'])} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + comparison_lines(report["comparisons"])) + "\n"
 
 
 def main(argv=None) -> int:

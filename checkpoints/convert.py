@@ -6,12 +6,13 @@ or a run published to the hub (``hf://OWNER/NAME[@REV]``, :mod:`checkpoints.hub`
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from hybridps.runlog import read_json_object
 
 from . import arch as archs
 from . import registry
@@ -94,12 +95,7 @@ def _read_run_dir(path: Path, layout: str | None) -> SourceWeights:
     src = _read_file(files[0], layout or own, f"run {path} ({files[0].name})")
     meta_file = path / "meta.json"
     if meta_file.is_file():
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise ValueError(f"{meta_file}: not valid JSON ({type(exc).__name__}: {exc})") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{meta_file}: must be a JSON object, got a {type(meta).__name__}")
+        meta = read_json_object(meta_file)
         src.style = src.style or _style_from(meta)
         src.normalization = src.normalization or _norm_from(meta, str(meta_file))
         src.metadata = {**meta, **src.metadata}

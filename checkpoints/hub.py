@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from hybridps.runlog import read_json_object
+
 from .download import DownloadError, check_format, hf_download
 
 # What a run folder publishes, weights first (CONTRACTS 5; finetune's save_run).
@@ -119,13 +121,7 @@ def _read_meta(run: Path) -> dict[str, Any]:
     path = run / "meta.json"
     if not path.is_file():
         raise HubError(f"{run}: no meta.json; push a finished pre-training or fine-tuning run folder")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise HubError(f"{path}: not valid JSON ({type(exc).__name__})") from None
-    if not isinstance(meta, dict):
-        raise HubError(f"{path}: must be a JSON object")
-    return meta
+    return read_json_object(path, HubError)
 
 
 def run_files(run: str | Path) -> list[Path]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hybridps.runlog import cli_logging, final_error, log_to_folder, result, write_json
+from hybridps.runlog import cli_logging, final_error, log_to_folder, read_json_object, result, write_json
 from hybridps.finetune import config as ftconfig
 from hybridps.finetune.config import DATASETS, ConfigError, FinetuneConfig
 from hybridps.finetune.datasets import DatasetError
@@ -229,12 +229,7 @@ def run_meta(path: Path, error: type[Exception] = CLIError) -> dict | None:
     meta = path / "meta.json"
     if not (path.is_dir() and meta.is_file() and (path / "model.safetensors").is_file()):
         return None
-    try:
-        data = json.loads(meta.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise error(f"{meta}: not valid JSON ({type(e).__name__})") from None
-    if not isinstance(data, dict):
-        raise error(f"{meta}: must be a JSON object, got a {type(data).__name__}")
+    data = read_json_object(meta, error)
     return data if data.get("kind") == RUN_KIND else None
 
 

@@ -152,6 +152,19 @@ def write_json(path: str | Path, obj: Any, indent: int | None = 1) -> Path:
     return path
 
 
+def read_json_object(path: str | Path, error: type[Exception] = ValueError) -> dict:
+    """A JSON file that must hold an object (a run's meta.json...); anything else raises
+    ``error`` with one line naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise error(f"{path}: not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: must be a JSON object, got a {type(data).__name__}")
+    return data
+
+
 # --------------------------------------------------------------------------- handlers
 class _Filter(logging.Filter):
     def __init__(self, to_stderr: bool, main: bool) -> None:
